@@ -1,0 +1,120 @@
+"""Pure functional interface to the decoder: params are plain nested dicts of arrays.
+
+    params = init_params(cfg, jax.random.key(0))
+    logits = forward(cfg, params, input_ids)                       # [b, s, vocab] float32
+    cache = init_cache(cfg, batch, max_len)
+    logits, cache = forward_cached(cfg, params, tokens, cache, token_mask)   # prefill / decode
+
+The NNX module is rebuilt from (graphdef, params) inside each call (`nnx.merge`), so these
+functions can be jitted, differentiated and sharded like any function of pytrees.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from regft_jax.models.config import ModelConfig
+from regft_jax.models.decoder import Decoder
+
+Params = dict
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract(cfg: ModelConfig):
+    return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+
+
+def module(cfg: ModelConfig, params: Params) -> Decoder:
+    """The NNX decoder bound to `params` (cheap: no arrays are copied)."""
+    return nnx.merge(_abstract(cfg)[0], params)
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """Shapes and dtypes of the parameters (jax.ShapeDtypeStruct leaves), without allocating."""
+    return _abstract(cfg)[1].to_pure_dict()
+
+
+def param_logical_axes(cfg: ModelConfig) -> Params:
+    """The logical axis names of every parameter (a tuple per leaf, same tree as params)."""
+    state = _abstract(cfg)[1]
+    axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return axes.to_pure_dict()
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Random parameters (normal(init_std) kernels, unit norms, zero biases)."""
+    return nnx.split(Decoder(cfg, nnx.Rngs(params=rng)))[1].to_pure_dict()
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """Positions that skip left padding: the i-th real token of a row gets position i."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _attention_mask(key_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
+    """[b, s, t]: query at slot i attends key slot j iff j <= i and key j is a real token."""
+    key_slots = jnp.arange(key_valid.shape[-1])
+    causal = key_slots[None, None, :] <= query_slots[:, :, None]
+    return causal & key_valid[:, None, :].astype(bool)
+
+
+def forward(cfg: ModelConfig, params: Params, input_ids: jax.Array, *,
+            attention_mask: Optional[jax.Array] = None,
+            positions: Optional[jax.Array] = None,
+            return_hidden: bool = False):
+    """Full causal forward. input_ids [b, s] → logits [b, s, vocab] float32.
+
+    attention_mask [b, s] (1 = real token, 0 = padding) supports left-padded batches; positions
+    default to the count of real tokens before each one.
+    """
+    b, s = input_ids.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, s), jnp.int32)
+    if positions is None:
+        positions = default_positions(attention_mask)
+    mask = _attention_mask(attention_mask, jnp.broadcast_to(jnp.arange(s), (b, s)))
+    model = module(cfg, params)
+    h, _ = model.hidden_states(input_ids, positions, mask)
+    logits = model.logits(h)
+    return (logits, h) if return_hidden else logits
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Optional[str] = None) -> dict:
+    """An empty KV cache for `batch` rows and `max_len` slots (stacked over layers)."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "valid": jnp.zeros((batch, max_len), bool),  # slot holds a real (non-padding) token
+        "positions": jnp.zeros((batch,), jnp.int32),  # next rotary position of each row
+        "index": jnp.zeros((), jnp.int32),  # next slot to write (shared: prompts are left-padded)
+    }
+
+
+def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
+                   token_mask: Optional[jax.Array] = None):
+    """Run `tokens` [b, s] through the model, appending them to the KV cache.
+
+    Prefill with the (left-padded) prompt and its mask, then call with s=1 per new token.
+    Returns (logits [b, s, vocab] float32, updated cache).
+    """
+    b, s = tokens.shape
+    if token_mask is None:
+        token_mask = jnp.ones((b, s), jnp.int32)
+    index = cache["index"]
+    positions = cache["positions"][:, None] + default_positions(token_mask)
+    valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], token_mask.astype(bool), index, axis=1)
+    slots = jnp.broadcast_to(index + jnp.arange(s), (b, s))
+    mask = _attention_mask(valid, slots)
+    cache = {**cache, "valid": valid}
+    logits, cache = module(cfg, params)(tokens, positions, mask, cache)
+    cache["positions"] = cache["positions"] + token_mask.astype(jnp.int32).sum(-1)
+    cache["index"] = index + s
+    return logits, cache

@@ -1,0 +1,252 @@
+"""One Flax NNX decoder covering Llama (1/2/3) and Falcon (7B / 40B-style) architectures.
+
+Mesh-agnostic: every parameter carries `logical_axes` metadata (names such as "embed", "mlp",
+"q_heads"), and activations are annotated through `regft_jax.sharding.constrain`, which is the
+identity unless the caller activated a mesh. `regft_jax.sharding` maps logical → mesh axes.
+
+Layers are stored stacked (leading "layers" axis) and applied with `lax.scan` (or unrolled when
+`scan_layers=False`), optionally rematerialized. The KV cache is a pytree of stacked arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from regft_jax import sharding
+from regft_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init: str, stack: int) -> nnx.Param:
+    """A parameter of `shape` (with a leading `stack` axis for stacked layers) and logical axes."""
+    if stack:
+        shape, axes = (stack, *shape), ("layers", *axes)
+    dtype = _dtype(cfg.param_dtype)
+    if init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (cfg.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+# ----------------------------------------------------------------------------------- pieces
+
+
+class Norm(nnx.Module):
+    """RMSNorm (Llama) or LayerNorm with bias (Falcon); computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int = 0):
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = _param(rngs, cfg, (cfg.hidden_size,), ("embed",), "ones", stack)
+        if cfg.norm == "layer":
+            self.bias = _param(rngs, cfg, (cfg.hidden_size,), ("embed",), "zeros", stack)
+
+    def __call__(self, x: Array) -> Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "rms":
+            x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+            return (x * self.scale[...].astype(jnp.float32)).astype(dtype)
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+    """Inverse frequencies of rotary embeddings, with linear / Llama-3 scaling if configured."""
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    if s.kind == "linear":
+        return inv / s.factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    wavelen = 2 * math.pi / inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotate-half rotary embedding (HF layout). x: [b, s, heads, head_dim], positions: [b, s]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, hd/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped/multi-query KV heads and rotary embeddings."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int = 0):
+        self.cfg = cfg
+        d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q = _param(rngs, cfg, (d, h, hd), ("embed", "q_heads", "head_dim"), "normal", stack)
+        self.k = _param(rngs, cfg, (d, k, hd), ("embed", "kv_heads", "head_dim"), "normal", stack)
+        self.v = _param(rngs, cfg, (d, k, hd), ("embed", "kv_heads", "head_dim"), "normal", stack)
+        self.o = _param(rngs, cfg, (h, hd, d), ("q_heads", "head_dim", "embed"), "normal", stack)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, cfg, (h, hd), ("q_heads", "head_dim"), "zeros", stack)
+            self.k_bias = _param(rngs, cfg, (k, hd), ("kv_heads", "head_dim"), "zeros", stack)
+            self.v_bias = _param(rngs, cfg, (k, hd), ("kv_heads", "head_dim"), "zeros", stack)
+        if cfg.out_bias:
+            self.o_bias = _param(rngs, cfg, (d,), ("embed",), "zeros", stack)
+
+    def _project(self, x: Array, name: str) -> Array:
+        dtype = _dtype(self.cfg.dtype)
+        y = jnp.einsum("bsd,dhk->bshk", x, getattr(self, name)[...].astype(dtype))
+        if self.cfg.qkv_bias:
+            y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
+        return y
+
+    def __call__(self, x: Array, positions: Array, mask: Array, kv: Optional[tuple]) -> tuple:
+        """x: [b, s, d]; mask: [b, s, t] bool (query may attend key); kv: cache (k, v, index) or None.
+
+        Returns (output [b, s, d], (k, v) written into the cache or the fresh keys/values).
+        """
+        cfg = self.cfg
+        inv_freq = rope_inv_freq(cfg)
+        q = apply_rope(self._project(x, "q"), positions, inv_freq)
+        k = apply_rope(self._project(x, "k"), positions, inv_freq)
+        v = self._project(x, "v")
+        q = sharding.constrain(q, ("batch", "length", "q_heads", "head_dim"))
+        if kv is not None:
+            cache_k, cache_v, index = kv
+            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+        b, s, h, hd = q.shape
+        groups = h // cfg.num_kv_heads
+        q = q.reshape(b, s, cfg.num_kv_heads, groups, hd)
+        scores = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(hd)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(q.dtype)).reshape(b, s, h, hd)
+        out = jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(q.dtype))
+        if cfg.out_bias:
+            out = out + self.o_bias[...].astype(q.dtype)
+        return out, (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU (Llama: down(silu(gate x) * up x)) or GELU (Falcon: down(gelu(up x)))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int = 0):
+        self.cfg = cfg
+        d, f = cfg.hidden_size, cfg.mlp_dim
+        if cfg.activation == "swiglu":
+            self.gate = _param(rngs, cfg, (d, f), ("embed", "mlp"), "normal", stack)
+        self.up = _param(rngs, cfg, (d, f), ("embed", "mlp"), "normal", stack)
+        self.down = _param(rngs, cfg, (f, d), ("mlp", "embed"), "normal", stack)
+        if cfg.mlp_bias:
+            self.up_bias = _param(rngs, cfg, (f,), ("mlp",), "zeros", stack)
+            self.down_bias = _param(rngs, cfg, (d,), ("embed",), "zeros", stack)
+            if cfg.activation == "swiglu":
+                self.gate_bias = _param(rngs, cfg, (f,), ("mlp",), "zeros", stack)
+
+    def _dense(self, x: Array, name: str) -> Array:
+        y = x @ getattr(self, name)[...].astype(x.dtype)
+        return y + getattr(self, f"{name}_bias")[...].astype(x.dtype) if self.cfg.mlp_bias else y
+
+    def __call__(self, x: Array) -> Array:
+        x = x.astype(_dtype(self.cfg.dtype))
+        if self.cfg.activation == "swiglu":
+            h = jax.nn.silu(self._dense(x, "gate")) * self._dense(x, "up")
+        else:
+            h = jax.nn.gelu(self._dense(x, "up"), approximate=False)
+        h = sharding.constrain(h, ("batch", "length", "mlp"))
+        return self._dense(h, "down")
+
+
+class Block(nnx.Module):
+    """A decoder layer: sequential (Llama) or parallel attention + MLP (Falcon)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int = 0):
+        self.cfg = cfg
+        self.attn = Attention(cfg, rngs, stack)
+        self.mlp = MLP(cfg, rngs, stack)
+        self.attn_norm = Norm(cfg, rngs, stack)
+        if cfg.num_block_norms == 2:
+            self.mlp_norm = Norm(cfg, rngs, stack)
+
+    def __call__(self, x: Array, positions: Array, mask: Array, kv: Optional[tuple]) -> tuple:
+        h = self.attn_norm(x)
+        attn, new_kv = self.attn(h, positions, mask, kv)
+        if self.cfg.parallel_block:
+            mlp_in = self.mlp_norm(x) if self.cfg.num_block_norms == 2 else h
+            x = x + attn + self.mlp(mlp_in)
+        else:
+            x = x + attn
+            x = x + self.mlp(self.mlp_norm(x))
+        return sharding.constrain(x, ("batch", "length", "embed")), new_kv
+
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Decoder(nnx.Module):
+    """Token embedding → stacked blocks → final norm → LM head (float32 logits)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal", 0)
+        self.layers = Block(cfg, rngs, stack=cfg.num_layers)
+        self.final_norm = Norm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), "normal", 0)
+
+    def hidden_states(self, tokens: Array, positions: Array, mask: Array, cache: Optional[dict] = None):
+        """Final-norm hidden states [b, s, d] and the updated KV cache (or None)."""
+        cfg = self.cfg
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(_dtype(cfg.dtype))
+        x = sharding.constrain(x, ("batch", "length", "embed"))
+        graphdef, layer_params = nnx.split(self.layers)
+
+        def layer(x, per_layer):
+            params, kv = per_layer
+            kv_in = None if kv is None else (*kv, cache["index"])
+            x, new_kv = nnx.merge(graphdef, params)(x, positions, mask, kv_in)
+            return x, (new_kv if cache is not None else None)
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+        kv = None if cache is None else (cache["k"], cache["v"])
+        x, new_kv = jax.lax.scan(layer, x, (layer_params, kv), unroll=1 if cfg.scan_layers else cfg.num_layers)
+        new_cache = None
+        if cache is not None:
+            new_cache = {**cache, "k": new_kv[0], "v": new_kv[1]}
+        return self.final_norm(x), new_cache
+
+    def logits(self, h: Array) -> Array:
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bsd,dv->bsv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        return sharding.constrain(logits, ("batch", "length", "vocab"))
+
+    def __call__(self, tokens: Array, positions: Array, mask: Array, cache: Optional[dict] = None):
+        h, cache = self.hidden_states(tokens, positions, mask, cache)
+        return self.logits(h), cache
+

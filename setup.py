@@ -1,0 +1,38 @@
+"""regft_jax: attribute-controlled (regularized) fine-tuning of LLMs in JAX/Flax.
+
+Pinned stack: these versions install cleanly together on Python 3.11 (CPU) and are what the
+tests run against. torch is only needed by the tests (HF PyTorch reference logits).
+"""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "transformers==5.24.0",
+    "datasets==5.2.0",
+    "safetensors==0.8.0",
+    "tokenizers==0.23.3",
+    "absl-py",
+    "tqdm",
+]
+
+EXTRAS = {
+    # The embedded offline default (tiny model on a local corpus with an offline oracle).
+    "demo": [],
+    # torch provides the HF PyTorch reference the tests compare against.
+    "test": ["torch==2.13.0", "pytest"],
+}
+
+setup(
+    name="regft_jax",
+    version="0.1.0",
+    description="Regularized, attribute-controlled fine-tuning of Llama/Falcon models in JAX/Flax",
+    packages=find_packages(include=["regft_jax", "regft_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
