@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from regft_jax.errors import UserInputError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
@@ -37,7 +39,7 @@ DEFAULT_RULES: dict[str, Any] = {
 }
 
 
-class ShardingError(ValueError):
+class ShardingError(UserInputError):
     """A mesh or sharding request that cannot be satisfied."""
 
 

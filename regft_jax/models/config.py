@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Optional
 
+from regft_jax.errors import UserInputError
+
 # How the HF checkpoint stores q/k/v projections.
 QKV_LAYOUTS = (
     "separate",  # Llama: q_proj, k_proj, v_proj
@@ -24,7 +26,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A model configuration (or the HF config.json it came from) is invalid or unsupported."""
 
 

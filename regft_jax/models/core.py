@@ -36,7 +36,7 @@ def module(cfg: ModelConfig, params: Params) -> Decoder:
 
 def abstract_params(cfg: ModelConfig) -> Params:
     """Shapes and dtypes of the parameters (jax.ShapeDtypeStruct leaves), without allocating."""
-    return _abstract(cfg)[1].to_pure_dict()
+    return nnx.to_pure_dict(_abstract(cfg)[1])
 
 
 def param_logical_axes(cfg: ModelConfig) -> Params:
@@ -44,12 +44,12 @@ def param_logical_axes(cfg: ModelConfig) -> Params:
     state = _abstract(cfg)[1]
     axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return axes.to_pure_dict()
+    return nnx.to_pure_dict(axes)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     """Random parameters (normal(init_std) kernels, unit norms, zero biases)."""
-    return nnx.split(Decoder(cfg, nnx.Rngs(params=rng)))[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.split(Decoder(cfg, nnx.Rngs(params=rng)))[1])
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:

@@ -25,13 +25,14 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from regft_jax import sharding as shd
+from regft_jax.errors import UserInputError
 from regft_jax.models.config import ModelConfig, read_hf_config, to_hf_config
 from regft_jax.models.core import abstract_params, param_logical_axes
 
 Path = tuple[str, ...]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError):
     """An HF checkpoint directory whose files or tensors do not match the model."""
 
 

@@ -1,0 +1,24 @@
+"""Helpers for ml_collections experiment configs: defaults and validation with clear errors."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from regft_jax.models.config import ConfigError, ModelConfig
+
+
+def arch_config(**fields) -> ml_collections.ConfigDict:
+    """The `model.arch` section: every ModelConfig architecture field (validated now)."""
+    cfg = ModelConfig(**fields)
+    arch = cfg.architecture
+    arch.pop("rope_scaling")  # random-init models use plain RoPE
+    return ml_collections.ConfigDict(arch)
+
+
+def require(config: ml_collections.ConfigDict, key: str, ok: bool, expected: str) -> None:
+    """Raise a ConfigError naming `key`, its value and what was expected, unless `ok`."""
+    if not ok:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        raise ConfigError(f"config.{key}={value!r}: expected {expected}")

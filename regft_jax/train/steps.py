@@ -1,0 +1,95 @@
+"""Train state and the plain LM (SFT) step: pure functions of pytrees, jitted with shardings.
+
+    state = init_train_state(cfg, params, optimizer)
+    step = jit_sharded(functools.partial(sft_step, cfg, optimizer), mesh, cfg, optimizer, batch)
+    state, metrics = step(state, batch)
+
+Batches are dicts of [batch, seq] arrays: "tokens" (int32) and "loss_mask" (1 where the next
+token is a training target). The state is donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from regft_jax import sharding as shd
+from regft_jax.losses import lm_loss
+from regft_jax.models import ModelConfig, abstract_params, forward, param_logical_axes
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_optimizer(learning_rate: float | Callable = 3e-4, *, weight_decay: float = 0.0,
+                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, grad_clip: float = 1.0,
+                   warmup_steps: int = 0, total_steps: int = 0) -> optax.GradientTransformation:
+    """AdamW with optional global-norm clipping and linear-warmup + cosine schedule."""
+    lr = learning_rate
+    if total_steps and not callable(lr):
+        lr = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
+                                                end_value=0.1 * lr)
+    chain = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return optax.chain(*chain)
+
+
+def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def train_state_shardings(mesh, cfg: ModelConfig, optimizer, rules=None) -> TrainState:
+    """Shardings of a TrainState for `cfg`: optimizer moments follow their parameters."""
+    abstract = abstract_params(cfg)
+    params = shd.param_shardings(mesh, param_logical_axes(cfg), abstract, rules)
+    return TrainState(step=shd.replicated(mesh), params=params,
+                      opt_state=shd.opt_state_shardings(optimizer, abstract, params, mesh))
+
+
+def sft_loss(cfg: ModelConfig, params: Any, batch: dict) -> tuple[jax.Array, dict]:
+    """Next-token LM loss of a packed batch (tokens [b, s+1] → predict tokens[:, 1:])."""
+    tokens = batch["tokens"]
+    logits = forward(cfg, params, tokens[:, :-1], attention_mask=batch.get("attention_mask", None))
+    loss, count = lm_loss(logits, tokens[:, 1:], batch["loss_mask"][:, 1:])
+    return loss, {"lm_loss": loss, "tokens": count}
+
+
+def sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState,
+             batch: dict) -> tuple[TrainState, dict]:
+    """One AdamW step on the LM loss."""
+    (loss, metrics), grads = jax.value_and_grad(functools.partial(sft_loss, cfg), has_aux=True)(
+        state.params, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def jit_sharded(step_fn: Callable, mesh, state_shardings: Any, batch_example: Any, *, rules=None,
+                donate: bool = True) -> Callable:
+    """jit `step_fn(state, batch) -> (state, metrics)` with explicit in/out shardings on `mesh`.
+
+    Activation constraints in model code (`sharding.constrain`) are active while tracing.
+    """
+
+    def traced(state, batch):
+        with shd.use_mesh(mesh, rules):
+            return step_fn(state, batch)
+
+    batch_shardings = shd.tree_batch_shardings(mesh, batch_example, rules)
+    return jax.jit(
+        traced,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=(0,) if donate else (),
+    )
