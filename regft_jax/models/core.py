@@ -99,11 +99,12 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Optional[str] 
 
 
 def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
-                   token_mask: Optional[jax.Array] = None):
+                   token_mask: Optional[jax.Array] = None, *, last_only: bool = False):
     """Run `tokens` [b, s] through the model, appending them to the KV cache.
 
     Prefill with the (left-padded) prompt and its mask, then call with s=1 per new token.
-    Returns (logits [b, s, vocab] float32, updated cache).
+    Returns (logits [b, s, vocab] float32, updated cache); with `last_only`, logits [b, 1, vocab]
+    of the last slot only (a prefill never materializes [b, s, vocab]).
     """
     b, s = tokens.shape
     if token_mask is None:
@@ -114,7 +115,9 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: d
     slots = jnp.broadcast_to(index + jnp.arange(s), (b, s))
     mask = _attention_mask(valid, slots)
     cache = {**cache, "valid": valid}
-    logits, cache = module(cfg, params)(tokens, positions, mask, cache)
+    model = module(cfg, params)
+    h, cache = model.hidden_states(tokens, positions, mask, cache)
+    logits = model.logits(h[:, -1:] if last_only else h)
     cache["positions"] = cache["positions"] + token_mask.astype(jnp.int32).sum(-1)
     cache["index"] = index + s
     return logits, cache

@@ -1,0 +1,247 @@
+"""Jitted, batched, mesh-sharded autoregressive sampling with the KV cache.
+
+    out = sample(cfg, params, prompt_tokens, prompt_mask, rng, max_new_tokens=32,
+                 temperature=0.7, top_p=0.9, eos_id=2)          # traceable; SampleOutput
+    fn = make_sampler(cfg, mesh, max_new_tokens=32, top_p=0.9)   # jitted once per shape bucket
+    ids = generate(cfg, params, [[1, 5, 7], [1, 9]], max_new_tokens=16)   # lists in, lists out
+
+The prompt batch is left-padded (`prompt_mask` 1 = real token), prefilled in one call, then a
+`lax.while_loop` emits one token per iteration for all rows (no per-token Python dispatch) and
+stops early once every row has produced `eos_id`. Per step, the next-token logits are
+
+    logits = logits_model + guidance_logits              (guidance: e.g. NADO's log σ(z_aux))
+    logits / temperature  →  top-k  →  top-p  →  sample  (temperature 0: argmax, greedy)
+
+and the returned log-probs are those of the chosen token under that processed distribution
+(`logprobs`; 0 for greedy) and under the unmodified model at temperature 1 (`ref_logprobs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from regft_jax import sharding as shd
+from regft_jax.errors import UserInputError
+from regft_jax.models import ModelConfig, forward_cached, init_cache
+
+NEG_INF = -1e30
+
+
+class Guidance(Protocol):
+    """Adds logits to the model's at every step, with its own state (e.g. an auxiliary model's
+    KV cache). Must be hashable (it is a static argument of the jitted sampler); its arrays come
+    in through `params`."""
+
+    def init(self, params: Any, batch: int, max_len: int) -> Any:
+        """The initial state for `batch` rows and `max_len` cache slots."""
+
+    def __call__(self, params: Any, state: Any, tokens: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, Any]:
+        """Consume tokens [b, s] (like `forward_cached`) → (logits to add for the last slot [b, vocab], state)."""
+
+
+@struct.dataclass
+class SampleOutput:
+    tokens: jax.Array  # [b, n] int32 continuation; `pad_id` after a row's end
+    mask: jax.Array  # [b, n] int32: 1 for generated tokens (the EOS included)
+    logprobs: jax.Array  # [b, n] float32 log-prob under the sampling distribution (0 where masked)
+    ref_logprobs: jax.Array  # [b, n] float32 log-prob under the unmodified model (0 where masked)
+
+    @property
+    def lengths(self) -> jax.Array:
+        return self.mask.sum(-1)
+
+
+def processed_logprobs(logits: jax.Array, temperature: jax.Array, top_k: int = 0,
+                       top_p: Optional[jax.Array] = None) -> jax.Array:
+    """Log-probs of the sampling distribution: logits / T, then top-k, then top-p (nucleus).
+
+    top-k keeps the k largest (ties at the k-th value kept); top-p keeps the smallest prefix of
+    the descending-sorted distribution whose mass reaches `top_p` (at least one token).
+    """
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    if top_k:
+        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+        scaled = jnp.where(scaled < kth, NEG_INF, scaled)
+    if top_p is not None:
+        order = jnp.argsort(-scaled, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < top_p
+        keep = jnp.zeros_like(keep_sorted).at[
+            jnp.arange(scaled.shape[0])[:, None], order].set(keep_sorted)
+        scaled = jnp.where(keep, scaled, NEG_INF)
+    return jax.nn.log_softmax(scaled, axis=-1)
+
+
+def _pick(logp: jax.Array, rows: jax.Array, tokens: jax.Array) -> jax.Array:
+    return logp[rows, tokens]
+
+
+def sample(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
+           max_new_tokens: int, temperature=1.0, top_k: int = 0, top_p=None, eos_id: Optional[int] = None,
+           pad_id: int = 0, guidance: Optional[Guidance] = None, guidance_params: Any = None) -> SampleOutput:
+    """Sample `max_new_tokens` continuations of a left-padded prompt batch (traceable, jit it).
+
+    temperature: a float (traced is fine); exactly 0.0 (a Python float) means greedy.
+    top_p: None (off) or a float in (0, 1] (traced is fine).
+    """
+    if max_new_tokens < 1:
+        raise UserInputError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+    greedy = isinstance(temperature, (int, float)) and temperature == 0.0
+    b, p = prompt_tokens.shape
+    n = max_new_tokens
+    rows = jnp.arange(b)
+    cache = init_cache(cfg, b, p + n)
+    cache["k"] = shd.constrain(cache["k"], ("layers", "batch", "length", "kv_heads", "head_dim"))
+    cache["v"] = shd.constrain(cache["v"], ("layers", "batch", "length", "kv_heads", "head_dim"))
+    logits, cache = forward_cached(cfg, params, prompt_tokens, cache, prompt_mask, last_only=True)
+    gstate, extra = None, jnp.zeros((), jnp.float32)
+    if guidance is not None:
+        gstate = guidance.init(guidance_params, b, p + n)
+        extra, gstate = guidance(guidance_params, gstate, prompt_tokens, prompt_mask)
+
+    def choose(logits, extra, done, rng):
+        """Next token per row from model logits [b, V] (+ guidance); finished rows emit pad."""
+        guided = logits + extra
+        if greedy:
+            token = jnp.argmax(guided, axis=-1).astype(jnp.int32)
+            logp = jnp.zeros((b,), jnp.float32)
+        else:
+            proc = processed_logprobs(guided, temperature, top_k, top_p)
+            token = jax.random.categorical(rng, proc, axis=-1).astype(jnp.int32)
+            logp = _pick(proc, rows, token)
+        ref = _pick(jax.nn.log_softmax(logits, axis=-1), rows, token)
+        live = ~done
+        token = jnp.where(live, token, pad_id)
+        new_done = done if eos_id is None else done | (token == eos_id)
+        return token, jnp.where(live, logp, 0.0), jnp.where(live, ref, 0.0), live, new_done
+
+    out = SampleOutput(tokens=jnp.full((b, n), pad_id, jnp.int32), mask=jnp.zeros((b, n), jnp.int32),
+                       logprobs=jnp.zeros((b, n), jnp.float32), ref_logprobs=jnp.zeros((b, n), jnp.float32))
+
+    def write(out, i, token, logp, ref, live):
+        col = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v[:, None].astype(a.dtype), i, axis=1)
+        return SampleOutput(tokens=col(out.tokens, token), mask=col(out.mask, live),
+                            logprobs=col(out.logprobs, logp), ref_logprobs=col(out.ref_logprobs, ref))
+
+    def body(carry):
+        i, logits, extra, cache, gstate, done, rng, out = carry
+        rng, step_rng = jax.random.split(rng)
+        token, logp, ref, live, done = choose(logits, extra, done, step_rng)
+        out = write(out, i, token, logp, ref, live)
+        feed_mask = live[:, None].astype(jnp.int32)
+        logits, cache = forward_cached(cfg, params, token[:, None], cache, feed_mask)
+        if guidance is not None:
+            extra, gstate = guidance(guidance_params, gstate, token[:, None], feed_mask)
+        return i + 1, logits[:, -1], extra, cache, gstate, done, rng, out
+
+    def cond(carry):
+        i, done = carry[0], carry[5]
+        return (i < n - 1) & ~jnp.all(done)
+
+    carry = (jnp.int32(0), logits[:, -1], extra, cache, gstate, jnp.zeros((b,), bool), rng, out)
+    i, logits, extra, _, _, done, rng, out = jax.lax.while_loop(cond, body, carry)
+    # The last token needs no forward pass after it.
+    token, logp, ref, live, _ = choose(logits, extra, done, jax.random.split(rng)[1])
+    return write(out, i, token, logp, ref, live)
+
+
+def make_sampler(cfg: ModelConfig, mesh=None, *, max_new_tokens: int, greedy: bool = False, top_k: int = 0,
+                 use_top_p: bool = False, eos_id: Optional[int] = None, pad_id: int = 0,
+                 guidance: Optional[Guidance] = None):
+    """The jitted sampler: fn(params, guidance_params, prompt_tokens, prompt_mask, rng, temperature, top_p)
+    -> SampleOutput. Compiled once per prompt shape; temperature and top_p are traced values.
+    The same arguments return the same function (and its compilations).
+
+    With a mesh, the batch is sharded over the data-parallel axes, params keep the shardings
+    they come with, and activation/cache constraints in model code are active.
+    """
+    return _make_sampler(cfg, mesh, max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, guidance)
+
+
+@functools.lru_cache(maxsize=64)
+def _make_sampler(cfg, mesh, max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, guidance):
+    rules = None
+
+    def fn(params, guidance_params, prompt_tokens, prompt_mask, rng, temperature, top_p):
+        with shd.use_mesh(mesh, rules):
+            return sample(cfg, params, prompt_tokens, prompt_mask, rng, max_new_tokens=max_new_tokens,
+                          temperature=0.0 if greedy else temperature, top_k=top_k,
+                          top_p=top_p if use_top_p else None, eos_id=eos_id, pad_id=pad_id,
+                          guidance=guidance, guidance_params=guidance_params)
+
+    if mesh is None:
+        return jax.jit(fn)
+    batch = shd.batch_sharding(mesh, 2, rules)
+    out = SampleOutput(tokens=batch, mask=batch, logprobs=batch, ref_logprobs=batch)
+    return jax.jit(fn, in_shardings=(None, None, batch, batch, shd.replicated(mesh), None, None),
+                   out_shardings=out)
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The padded size for n: the next power of two (at least `minimum`), so few shapes compile."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], length: int, batch: int, pad_id: int = 0):
+    """Left-pad token lists into [batch, length] arrays (extra rows are 1-token dummies)."""
+    tokens = np.full((batch, length), pad_id, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    for i, prompt in enumerate(prompts):
+        if len(prompt):
+            tokens[i, length - len(prompt):] = prompt
+            mask[i, length - len(prompt):] = 1
+    mask[len(prompts):, -1] = 1  # dummy rows hold one token so no row attends to nothing
+    return tokens, mask
+
+
+def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_id: Optional[int] = None, pad_id: int = 0, mesh=None, batch_size: int = 64,
+             guidance: Optional[Guidance] = None, guidance_params: Any = None,
+             return_logprobs: bool = False):
+    """Continue each prompt (a list of token ids); returns the new token ids per prompt (cut after
+    EOS, which is kept). temperature 0.0 = greedy. With `return_logprobs`, also returns per-prompt
+    (logprobs, ref_logprobs) lists as numpy arrays.
+
+    Prompts are processed in batches of `batch_size`, padded to power-of-two lengths and batch
+    sizes (multiples of the mesh's data-parallel size), so repeated calls reuse compilations.
+    """
+    if not prompts:
+        return ([], []) if return_logprobs else []
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise UserInputError(f"generate: prompt {empty[0]} is empty (start it with a BOS token)")
+    if not 0.0 < top_p <= 1.0:
+        raise UserInputError(f"generate: top_p={top_p} must be in (0, 1]")
+    if temperature < 0:
+        raise UserInputError(f"generate: temperature={temperature} must be >= 0")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise UserInputError(f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} "
+                             f"exceeds the model's max_seq_len {cfg.max_seq_len}")
+    dp = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    fn = make_sampler(cfg, mesh, max_new_tokens=max_new_tokens, greedy=temperature == 0.0, top_k=top_k,
+                      use_top_p=top_p < 1.0, eos_id=eos_id, pad_id=pad_id, guidance=guidance)
+    rng = jax.random.key(seed)
+    results, logps = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        rows = -(-bucket(len(chunk), 1) // dp) * dp
+        tokens, mask = pad_prompts(chunk, bucket(max(len(p) for p in chunk)), rows, pad_id)
+        rng, key = jax.random.split(rng)
+        out = jax.device_get(fn(params, guidance_params, tokens, mask, key,
+                                jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p)))
+        for i in range(len(chunk)):
+            length = int(out.mask[i].sum())
+            results.append(out.tokens[i, :length].tolist())
+            logps.append((out.logprobs[i, :length], out.ref_logprobs[i, :length]))
+    return (results, logps) if return_logprobs else results

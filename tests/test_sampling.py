@@ -1,0 +1,160 @@
+"""The KV-cache sampler vs HF `generate`, teacher-forced log-probs, filters, guidance, sharding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from regft_jax import models, sampling, sharding
+from tests.hf_reference import VOCAB, make_hf_model
+
+PROMPTS = [[5, 17, 3, 9, 44, 2, 8], [11, 60], [7, 7, 31, 90], [1]]
+
+
+@pytest.fixture(scope="module", params=["llama_gqa", "falcon_7b_mqa"])
+def converted(request, tmp_path_factory):
+    hf = make_hf_model(request.param, seed=3)
+    path = str(tmp_path_factory.mktemp(request.param))
+    hf.save_pretrained(path)
+    cfg, params = models.load_hf(path)
+    return hf, cfg, params
+
+
+def _hf_greedy(hf, prompt, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_equals_hf_generate(converted):
+    hf, cfg, params = converted
+    n = 12
+    ours = sampling.generate(cfg, params, PROMPTS, max_new_tokens=n)  # one left-padded batch
+    for prompt, got in zip(PROMPTS, ours):
+        assert got == _hf_greedy(hf, prompt, n)
+
+
+def test_greedy_stops_at_eos_per_row(converted):
+    hf, cfg, params = converted
+    n = 12
+    full = [_hf_greedy(hf, p, n) for p in PROMPTS]
+    eos = full[0][3]  # a token the first row emits at step 4
+    ours = sampling.generate(cfg, params, PROMPTS, max_new_tokens=n, eos_id=eos)
+    for ref, got in zip(full, ours):
+        expected = ref[:ref.index(eos) + 1] if eos in ref else ref
+        assert got == expected
+    assert len(ours[0]) == 4
+
+
+def _teacher_forced(cfg, params, prompts, continuations):
+    """Raw next-token logits for every continuation token, from one full forward per row."""
+    out = []
+    for p, c in zip(prompts, continuations):
+        ids = jnp.asarray([list(p) + list(c)])
+        logits = np.asarray(models.forward(cfg, params, ids))[0]
+        out.append(logits[len(p) - 1:len(p) - 1 + len(c)])
+    return out
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9), (1.3, 0, 0.5)])
+def test_sampled_logprobs_equal_teacher_forced(converted, temperature, top_k, top_p):
+    _, cfg, params = converted
+    conts, logps = sampling.generate(cfg, params, PROMPTS, max_new_tokens=10, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, seed=1, return_logprobs=True)
+    for logits, cont, (logp, ref) in zip(_teacher_forced(cfg, params, PROMPTS, conts), conts, logps):
+        assert len(cont) == 10
+        idx = np.arange(len(cont))
+        np.testing.assert_allclose(ref, jax.nn.log_softmax(logits)[idx, cont], atol=1e-4)
+        proc = sampling.processed_logprobs(jnp.asarray(logits), temperature, top_k,
+                                           top_p if top_p < 1 else None)
+        np.testing.assert_allclose(logp, np.asarray(proc)[idx, cont], atol=1e-4)
+        assert np.all(np.isfinite(logp))  # every sampled token is inside the top-k/top-p set
+
+
+def _hf_processed(logits, temperature, top_k, top_p):
+    procs = transformers.LogitsProcessorList([transformers.TemperatureLogitsWarper(temperature)])
+    if top_k:
+        procs.append(transformers.TopKLogitsWarper(top_k))
+    if top_p < 1:
+        procs.append(transformers.TopPLogitsWarper(top_p))
+    out = procs(None, torch.tensor(logits)).numpy()
+    return np.isfinite(out), out
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 5, 1.0), (0.5, 0, 0.8), (2.0, 30, 0.95), (1.0, 0, 0.05)])
+def test_filters_match_hf_logits_warpers(temperature, top_k, top_p):
+    logits = np.random.RandomState(0).randn(6, VOCAB).astype(np.float32) * 3
+    keep_ref, warped = _hf_processed(logits, temperature, top_k, top_p)
+    ours = np.asarray(sampling.processed_logprobs(jnp.asarray(logits), temperature, top_k,
+                                                  top_p if top_p < 1 else None))
+    keep = ours > -1e20
+    np.testing.assert_array_equal(keep, keep_ref)
+    ref = jax.nn.log_softmax(jnp.where(keep_ref, warped, -jnp.inf), axis=-1)
+    np.testing.assert_allclose(ours[keep], np.asarray(ref)[keep], atol=1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenBias:
+    """Guidance adding params["bias"] [vocab] at every step; its state counts consumed tokens."""
+
+    def init(self, params, batch, max_len):
+        return jnp.zeros((batch,), jnp.int32)
+
+    def __call__(self, params, state, tokens, token_mask):
+        state = state + token_mask.sum(-1)
+        return jnp.broadcast_to(params["bias"], (tokens.shape[0], params["bias"].shape[0])), state
+
+
+def test_guidance_logits_are_added_at_every_step(converted):
+    _, cfg, params = converted
+    banned = sampling.generate(cfg, params, PROMPTS, max_new_tokens=8)[0][0]
+    bias = jnp.zeros(cfg.vocab_size).at[banned].set(-1e9).at[42].set(2.0)
+    conts, logps = sampling.generate(cfg, params, PROMPTS, max_new_tokens=8, temperature=0.9, seed=4,
+                                     guidance=TokenBias(), guidance_params={"bias": bias}, return_logprobs=True)
+    assert all(banned not in c for c in conts)
+    for logits, cont, (logp, ref) in zip(_teacher_forced(cfg, params, PROMPTS, conts), conts, logps):
+        idx = np.arange(len(cont))
+        guided = sampling.processed_logprobs(jnp.asarray(logits) + bias, 0.9)
+        np.testing.assert_allclose(logp, np.asarray(guided)[idx, cont], atol=1e-4)
+        np.testing.assert_allclose(ref, jax.nn.log_softmax(logits)[idx, cont], atol=1e-4)
+    greedy = sampling.generate(cfg, params, PROMPTS, max_new_tokens=5, guidance=TokenBias(),
+                               guidance_params={"bias": jnp.zeros(cfg.vocab_size).at[42].set(1e9)})
+    assert greedy == [[42] * 5] * len(PROMPTS)
+
+
+def test_sharded_sampling_equals_single_device(converted):
+    _, cfg, params = converted
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+    sh = sharding.param_shardings(mesh, models.param_logical_axes(cfg), models.abstract_params(cfg))
+    sharded = sharding.shard_tree(params, sh)
+    kw = dict(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=2, return_logprobs=True)
+    single, single_lp = sampling.generate(cfg, params, PROMPTS * 2, **kw)
+    multi, multi_lp = sampling.generate(cfg, sharded, PROMPTS * 2, mesh=mesh, **kw)
+    assert multi == single
+    for (a, b), (c, d) in zip(single_lp, multi_lp):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=5e-5)
+        np.testing.assert_allclose(b, d, rtol=1e-5, atol=5e-5)
+
+
+def test_no_recompilation_within_a_bucket(converted):
+    _, cfg, params = converted
+    fn = sampling.make_sampler(cfg, max_new_tokens=6, greedy=True)
+    sampling.generate(cfg, params, PROMPTS, max_new_tokens=6)
+    before = fn._cache_size()
+    sampling.generate(cfg, params, [[3, 4, 5], [9] * 11, [2]], max_new_tokens=6)  # same buckets
+    assert fn._cache_size() == before == 1
+
+
+def test_bad_arguments_fail_clearly(converted):
+    _, cfg, params = converted
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        sampling.generate(cfg, params, [[1], []], max_new_tokens=3)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        sampling.generate(cfg, params, [[1]], max_new_tokens=cfg.max_seq_len + 1)
+    with pytest.raises(ValueError, match="top_p"):
+        sampling.generate(cfg, params, [[1]], max_new_tokens=3, temperature=1.0, top_p=0.0)
