@@ -20,11 +20,18 @@ CORE = [
     "tqdm",
 ]
 
+DEMO = [
+    # The offline default toxicity oracle (a linear SVM; pins its scikit-learn).
+    "alt-profanity-check==1.9.1",
+    "scikit-learn==1.9.1",
+]
+
 EXTRAS = {
     # The embedded offline default (tiny model on a local corpus with an offline oracle).
-    "demo": [],
-    # torch provides the HF PyTorch reference the tests compare against.
-    "test": ["torch==2.13.0", "pytest"],
+    "demo": DEMO,
+    # torch provides the HF PyTorch reference the tests compare against; the tests also run
+    # the offline oracle.
+    "test": ["torch==2.13.0", "pytest"] + DEMO,
 }
 
 setup(

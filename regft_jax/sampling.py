@@ -70,15 +70,42 @@ def processed_logprobs(logits: jax.Array, temperature: jax.Array, top_k: int = 0
         kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
         scaled = jnp.where(scaled < kth, NEG_INF, scaled)
     if top_p is not None:
-        order = jnp.argsort(-scaled, axis=-1)
-        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = mass_before < top_p
-        keep = jnp.zeros_like(keep_sorted).at[
-            jnp.arange(scaled.shape[0])[:, None], order].set(keep_sorted)
-        scaled = jnp.where(keep, scaled, NEG_INF)
+        scaled = jnp.where(nucleus(jax.nn.softmax(scaled, axis=-1), top_p), scaled, NEG_INF)
     return jax.nn.log_softmax(scaled, axis=-1)
+
+
+def nucleus(probs: jax.Array, top_p) -> jax.Array:
+    """Top-p mask [b, V]: token v is kept iff the mass of the tokens more probable than v is
+    below `top_p` (the smallest set, in descending order, whose mass reaches top_p).
+
+    No sort (slow on CPU and not needed): that condition is monotone in p_v, so the kept set is
+    {p_v >= τ} and τ is found exactly by bisection over the bit patterns of non-negative
+    float32s (which order like the floats): 31 masked sums over the vocabulary.
+    """
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+
+    def kept_at(threshold_bits):  # is a token with probability `threshold` kept?
+        above = jnp.where(bits > threshold_bits[:, None], probs, 0.0).sum(-1)
+        return above < top_p
+
+    def bisect(_, lo_hi):
+        lo, hi = lo_hi  # invariant: kept_at(hi), and hi - lo halves each time
+        mid = lo + (hi - lo) // 2
+        ok = kept_at(mid)
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    hi = bits.max(-1)  # the most probable token is always kept
+    lo = jnp.full_like(hi, -1)
+    _, hi = jax.lax.fori_loop(0, 32, bisect, (lo, hi))
+    return bits >= hi[:, None]
+
+
+def categorical(rng: jax.Array, logp: jax.Array) -> jax.Array:
+    """One token per row from log-probs [b, V], by inverting the CDF with one uniform per row
+    (cheaper than Gumbel-max, which draws b x V random numbers)."""
+    cdf = jnp.cumsum(jnp.exp(logp), axis=-1)
+    u = jax.random.uniform(rng, (logp.shape[0], 1), minval=1e-7) * cdf[:, -1:]
+    return jnp.minimum((cdf < u).sum(-1), logp.shape[-1] - 1).astype(jnp.int32)
 
 
 def _pick(logp: jax.Array, rows: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -100,8 +127,8 @@ def sample(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.
     n = max_new_tokens
     rows = jnp.arange(b)
     cache = init_cache(cfg, b, p + n)
-    cache["k"] = shd.constrain(cache["k"], ("layers", "batch", "length", "kv_heads", "head_dim"))
-    cache["v"] = shd.constrain(cache["v"], ("layers", "batch", "length", "kv_heads", "head_dim"))
+    cache["k"] = shd.constrain(cache["k"], ("layers", "batch", "kv_heads", "length", "head_dim"))
+    cache["v"] = shd.constrain(cache["v"], ("layers", "batch", "kv_heads", "length", "head_dim"))
     logits, cache = forward_cached(cfg, params, prompt_tokens, cache, prompt_mask, last_only=True)
     gstate, extra = None, jnp.zeros((), jnp.float32)
     if guidance is not None:
@@ -116,7 +143,7 @@ def sample(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.
             logp = jnp.zeros((b,), jnp.float32)
         else:
             proc = processed_logprobs(guided, temperature, top_k, top_p)
-            token = jax.random.categorical(rng, proc, axis=-1).astype(jnp.int32)
+            token = categorical(rng, proc)
             logp = _pick(proc, rows, token)
         ref = _pick(jax.nn.log_softmax(logits, axis=-1), rows, token)
         live = ~done

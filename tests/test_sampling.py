@@ -158,3 +158,13 @@ def test_bad_arguments_fail_clearly(converted):
         sampling.generate(cfg, params, [[1]], max_new_tokens=cfg.max_seq_len + 1)
     with pytest.raises(ValueError, match="top_p"):
         sampling.generate(cfg, params, [[1]], max_new_tokens=3, temperature=1.0, top_p=0.0)
+
+
+def test_inverse_cdf_categorical_matches_probabilities():
+    logp = jax.nn.log_softmax(jnp.asarray([[0.0, 1.0, -1.0, 2.0, -30.0], [3.0, -1e30, 0.0, 0.0, 1.0]]))
+    n = 100_000
+    draws = jax.vmap(lambda k: sampling.categorical(k, logp))(jax.random.split(jax.random.key(1), n))
+    for row in range(2):
+        freq = np.bincount(np.asarray(draws[:, row]), minlength=5) / n
+        p = np.exp(np.asarray(logp[row]))
+        assert np.all(np.abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-9), (freq, p)  # 4 sigma

@@ -87,7 +87,7 @@ def forward(cfg: ModelConfig, params: Params, input_ids: jax.Array, *,
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Optional[str] = None) -> dict:
     """An empty KV cache for `batch` rows and `max_len` slots (stacked over layers)."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # head-major slots
     dtype = jnp.dtype(dtype or cfg.dtype)
     return {
         "k": jnp.zeros(shape, dtype),

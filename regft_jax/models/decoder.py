@@ -86,10 +86,10 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
 
 
 def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-    """Rotate-half rotary embedding (HF layout). x: [b, s, heads, head_dim], positions: [b, s]."""
+    """Rotate-half rotary embedding (HF layout). x: [b, heads, s, head_dim], positions: [b, s]."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, hd/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, None]
+    sin = jnp.sin(angles)[:, None]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -114,38 +114,43 @@ class Attention(nnx.Module):
 
     def _project(self, x: Array, name: str) -> Array:
         dtype = _dtype(self.cfg.dtype)
-        y = jnp.einsum("bsd,dhk->bshk", x, getattr(self, name)[...].astype(dtype))
+        y = jnp.einsum("bsd,dhk->bhsk", x, getattr(self, name)[...].astype(dtype))  # head-major
         if self.cfg.qkv_bias:
-            y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
+            y = y + getattr(self, f"{name}_bias")[...].astype(dtype)[:, None]
         return y
 
     def __call__(self, x: Array, positions: Array, mask: Array, kv: Optional[tuple]) -> tuple:
-        """x: [b, s, d]; mask: [b, s, t] bool (query may attend key); kv: cache (k, v, index) or None.
+        """x: [b, s, d]; mask: [b, s, t] bool (query may attend key); kv: None or the stacked cache
+        (k [layers, b, kv_heads, t, hd], v, this layer's index, first slot to write).
 
-        Returns (output [b, s, d], (k, v) written into the cache or the fresh keys/values).
+        Returns (output [b, s, d], the updated stacked (k, v) cache, or the fresh keys/values).
+        The cache is updated in place (only the new slots are written), so a decode step costs
+        no copy of the cache.
         """
         cfg = self.cfg
         inv_freq = rope_inv_freq(cfg)
         q = apply_rope(self._project(x, "q"), positions, inv_freq)
         k = apply_rope(self._project(x, "k"), positions, inv_freq)
         v = self._project(x, "v")
-        q = sharding.constrain(q, ("batch", "length", "q_heads", "head_dim"))
+        q = sharding.constrain(q, ("batch", "q_heads", "length", "head_dim"))
         if kv is not None:
-            cache_k, cache_v, index = kv
-            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
-        b, s, h, hd = q.shape
+            cache_k, cache_v, layer, index = kv
+            start = (layer, 0, 0, index, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
+            k, v = cache_k[layer], cache_v[layer]
+        b, h, s, hd = q.shape
         groups = h // cfg.num_kv_heads
-        q = q.reshape(b, s, cfg.num_kv_heads, groups, hd)
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        q = q.reshape(b, cfg.num_kv_heads, groups, s, hd)
+        scores = jnp.einsum("bkgsd,bktd->bkgst", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(hd)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(q.dtype)).reshape(b, s, h, hd)
-        out = jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(q.dtype))
+        out = jnp.einsum("bkgst,bktd->bkgsd", probs, v.astype(q.dtype)).reshape(b, h, s, hd)
+        out = jnp.einsum("bhsk,hkd->bsd", out, self.o[...].astype(q.dtype))
         if cfg.out_bias:
             out = out + self.o_bias[...].astype(q.dtype)
-        return out, (k, v)
+        return out, ((k, v) if kv is None else (cache_k, cache_v))
 
 
 class MLP(nnx.Module):
@@ -226,16 +231,18 @@ class Decoder(nnx.Module):
         x = sharding.constrain(x, ("batch", "length", "embed"))
         graphdef, layer_params = nnx.split(self.layers)
 
-        def layer(x, per_layer):
-            params, kv = per_layer
-            kv_in = None if kv is None else (*kv, cache["index"])
+        def layer(carry, per_layer):
+            x, kv = carry
+            params, i = per_layer
+            kv_in = None if kv is None else (*kv, i, cache["index"])
             x, new_kv = nnx.merge(graphdef, params)(x, positions, mask, kv_in)
-            return x, (new_kv if cache is not None else None)
+            return (x, None if kv is None else new_kv), None
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
         kv = None if cache is None else (cache["k"], cache["v"])
-        x, new_kv = jax.lax.scan(layer, x, (layer_params, kv), unroll=1 if cfg.scan_layers else cfg.num_layers)
+        (x, new_kv), _ = jax.lax.scan(layer, (x, kv), (layer_params, jnp.arange(cfg.num_layers)),
+                                      unroll=1 if cfg.scan_layers else cfg.num_layers)
         new_cache = None
         if cache is not None:
             new_cache = {**cache, "k": new_kv[0], "v": new_kv[1]}
