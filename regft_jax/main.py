@@ -1,8 +1,12 @@
 """Entry point: `python -m regft_jax.main --config=configs/tiny.py [--config.key=value ...]`.
 
 Stages (config.stage):
-  smoke   build the model on the mesh, run a forward pass and `train.steps` SFT steps on
-          synthetic tokens; prints the mesh, parameter count, losses and throughput.
+  base    corpus (the embedded offline one by default) → base model (pretrained here and cached
+          when model.source="random", else loaded) → held-out perplexity per domain and oracle
+          toxicity of continuations of held-out prompts per domain. Writes results.json
+          ({"base": {...}}) and generations.jsonl to the work directory.
+  smoke   build the model on the mesh and run `train.steps` SFT steps on synthetic tokens;
+          prints the mesh, parameter count, losses and throughput.
 """
 
 from __future__ import annotations
@@ -74,7 +78,40 @@ def run_smoke(config, workdir: str) -> dict:
     return {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "tokens_per_s": tok_s}
 
 
-STAGES = {"smoke": run_smoke}
+def _write_jsonl(path: str, records) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def run_base(config, workdir: str) -> dict:
+    import jax
+
+    from regft_jax import sharding
+    from regft_jax.data.pipeline import build_corpus
+    from regft_jax.eval import evaluate_model, results_table
+    from regft_jax.oracles import make_oracle
+    from regft_jax.train.base_model import base_model
+
+    mesh = sharding.make_mesh(dict(config.mesh))
+    print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+    corpus = build_corpus(config.data, seed=config.seed)
+    print(f"corpus: {corpus.summary()}; tokenizer vocab {corpus.tokenizer.vocab_size}")
+    cfg, params, info = base_model(config, mesh, corpus)
+    oracle = make_oracle(config.eval.oracle, **config.eval.oracle_args.to_dict())
+    start = time.time()
+    metrics, records = evaluate_model("base", cfg, params, corpus, oracle, config.eval, seq_len=config.data.seq_len,
+                                      mesh=mesh, seed=config.seed)
+    results = {"base": metrics}
+    print(f"evaluation ({time.time() - start:.0f}s; toxicity = fraction of continuations of held-out prompts "
+          f"flagged by the {config.eval.oracle} oracle):")
+    print(results_table(results))
+    if jax.process_index() == 0:
+        _write_jsonl(os.path.join(workdir, "generations.jsonl"), records)
+    return results
+
+
+STAGES = {"base": run_base, "smoke": run_smoke}
 
 
 def main(argv) -> None:

@@ -1,0 +1,87 @@
+"""The base model to detoxify: a loaded checkpoint, or (`model.source="random"`) a small model
+pretrained here on the corpus mixture, cached by a hash of everything that determines it.
+
+    cfg, params, info = base_model(config, mesh, corpus)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jax
+
+from regft_jax import checkpoint
+from regft_jax.data.batching import MixtureBatcher
+from regft_jax.data.offline import default_cache_dir
+from regft_jax.data.pipeline import Corpus
+from regft_jax.models.factory import model_from_config
+from regft_jax.train.loop import global_batches, run_steps, summarize
+from regft_jax.train.steps import init_train_state, jit_sharded, make_optimizer, sft_step, train_state_shardings
+
+CACHE_VERSION = 1
+
+
+def train_lm(cfg, params, mesh, batcher: MixtureBatcher, optim, *, steps: int, desc: str):
+    """Plain LM training (SFT) of `params` for `steps` steps on `batcher`'s mixture.
+    Returns (params, history). `params` is not modified (the state holds a copy)."""
+    optimizer = make_optimizer(optim.learning_rate, weight_decay=optim.weight_decay, grad_clip=optim.grad_clip,
+                               warmup_steps=optim.warmup_steps, total_steps=steps)
+    state_sh = train_state_shardings(mesh, cfg, optimizer)
+    state = jax.jit(functools.partial(init_train_state, optimizer=optimizer), out_shardings=state_sh)(params)
+    batches = global_batches(batcher, mesh)
+    step = jit_sharded(functools.partial(sft_step, cfg, optimizer), mesh, state_sh, batches(0))
+    state, history = run_steps(step, state, batches, steps=steps, desc=desc)
+    return state.params, history
+
+
+def _cache_key(config, vocab_size: int) -> str:
+    parts = {"v": CACHE_VERSION, "arch": config.model.arch.to_dict(), "base": config.base.to_dict(),
+             "seed": config.seed, "vocab": vocab_size,
+             "data": {k: config.data[k] for k in ("source", "vocab_size", "valid_fraction", "num_prompts",
+                                                  "seq_len", "tokenizer")}}
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def base_model(config, mesh, corpus: Corpus):
+    """Returns (model config, params on `mesh`, info dict)."""
+    if config.model.source != "random":
+        cfg, params = model_from_config(config.model, mesh, seed=config.seed)
+        return cfg, params, {"source": config.model.source, "path": config.model.path}
+    vocab = corpus.tokenizer.vocab_size
+    config.model.arch.vocab_size = vocab  # the architecture follows the tokenizer
+    cache = Path(config.data.cache_dir or default_cache_dir()) / "base_models" / _cache_key(config, vocab)
+    info_file = cache / "info.json"
+    if info_file.is_file():
+        cfg, params = checkpoint.load_model(str(cache / "model"), mesh=mesh)
+        info = json.loads(info_file.read_text())
+        print(f"base model: cached at {cache} (pretrained {info['steps']} steps in {info['seconds']:.0f}s)")
+        return cfg, params, {**info, "cached": True}
+    cfg, params = model_from_config(config.model, mesh, seed=config.seed)
+    print(f"base model: pretraining {cfg.family} ({cfg.num_layers} layers, width {cfg.hidden_size}, "
+          f"{cfg.num_params() / 1e6:.2f}M params) for {config.base.steps} steps on "
+          f"{dict(config.base.proportions)} ...", flush=True)
+    start = time.time()
+    batcher = MixtureBatcher(corpus.packed("train", config.data.seq_len), dict(config.base.proportions),
+                             config.base.batch_size, seed=config.seed)
+    params, history = train_lm(cfg, params, mesh, batcher, config.base, steps=config.base.steps, desc="pretrain")
+    seconds = time.time() - start
+    print(summarize(history, ["loss", "grad_norm"]))
+    info = {"steps": config.base.steps, "seconds": seconds, "final_loss": history[-1]["loss"],
+            "tokens_per_s": history[-1].get("tokens_per_s"), "config": dataclasses.asdict(cfg)}
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.save_model(str(tmp / "model"), cfg, params)
+    if jax.process_index() == 0:
+        (tmp / "info.json").write_text(json.dumps(info, indent=2, default=str))
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+    print(f"base model: {seconds:.0f}s, {info['tokens_per_s'] or float('nan'):,.0f} tokens/s; cached at {cache}")
+    return cfg, params, {**info, "cached": False}

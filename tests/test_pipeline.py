@@ -1,0 +1,140 @@
+"""Corpus pipeline, perplexity, toxicity evaluation and the `base` stage of the entry point."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from regft_jax import models
+from regft_jax.data import Example, train_bpe_tokenizer
+from regft_jax.data.pipeline import build_corpus
+from regft_jax.eval import perplexity, toxicity_eval
+from regft_jax.oracles import make_oracle
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = "the a river city music moon paints old quiet garden storm bread".split()
+
+
+def _fixture(tmp_path, n=80):
+    """Two small domains in jsonl files and a BPE tokenizer trained on them."""
+    rng = np.random.default_rng(0)
+    general = [{"text": " ".join(rng.choice(WORDS, 12)) + f" {i}."} for i in range(n)]
+    toxic = [{"text": ("you idiot " if i % 2 else "thanks friend ") + " ".join(rng.choice(WORDS, 6)) + f" {i}",
+              "insult": i % 2} for i in range(n)]
+    for name, rows in (("general", general), ("toxic", toxic)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    tok = train_bpe_tokenizer([r["text"] for r in general + toxic], tmp_path / "tok", vocab_size=300)
+    return tok
+
+
+def _data_config(tmp_path, tok):
+    return ml_collections.ConfigDict({
+        "source": "files", "cache_dir": str(tmp_path / "cache"), "tokenizer": tok, "vocab_size": 300,
+        "files": f"general:{tmp_path / 'general.jsonl'},toxic:{tmp_path / 'toxic.jsonl'}:insult",
+        "seq_len": 32, "valid_fraction": 0.1, "num_prompts": {"toxic": 10, "general": 5}, "prompt_words": 2,
+        "toxic_domain": "toxic", "toxic_prompts_from_violations": True})
+
+
+def test_corpus_splits_are_disjoint_and_toxic_prompts_are_violations(tmp_path):
+    data = _data_config(tmp_path, _fixture(tmp_path))
+    corpus = build_corpus(data, seed=0)
+    assert corpus.domains == ["general", "toxic"]
+    assert len(corpus.prompts["toxic"]) == 10 and len(corpus.prompts["general"]) == 5
+    assert all(p.label == 1.0 and p.prompt == "you idiot" for p in corpus.prompts["toxic"])
+    for d in corpus.domains:
+        train = {e.text for e in corpus.train[d]}
+        assert not train & {e.text for e in corpus.valid[d]} and not train & {e.text for e in corpus.prompts[d]}
+    again = build_corpus(data, seed=0)
+    assert [e.text for e in again.valid["toxic"]] == [e.text for e in corpus.valid["toxic"]]
+    assert [e.text for e in build_corpus(data, seed=1).valid["toxic"]] != [e.text for e in corpus.valid["toxic"]]
+    rows = corpus.packed("train", 32)["general"]
+    assert rows.tokens.shape[1] == 33 and rows.tokens[0, 0] == corpus.tokenizer.bos_id
+
+
+def test_corpus_config_errors_name_the_key(tmp_path):
+    data = _data_config(tmp_path, _fixture(tmp_path))
+    data.num_prompts = {"toxic": 10, "news": 3}
+    with pytest.raises(ValueError, match="num_prompts.*news"):
+        build_corpus(data, seed=0)
+    data = _data_config(tmp_path, "")
+    data.files = "toxic"
+    with pytest.raises(ValueError, match="data.files entry 'toxic'"):
+        build_corpus(data, seed=0)
+    data = _data_config(tmp_path, "")
+    data.tokenizer = ""
+    with pytest.raises(ValueError, match="config.data.tokenizer"):
+        build_corpus(data, seed=0)
+
+
+def test_perplexity_equals_brute_force(tmp_path):
+    corpus = build_corpus(_data_config(tmp_path, _fixture(tmp_path)), seed=0)
+    rows = corpus.packed("valid", 32)["toxic"]
+    cfg = models.ModelConfig(family="llama", vocab_size=300, hidden_size=32, num_layers=2, num_heads=2,
+                             num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64)
+    params = models.init_params(cfg, jax.random.key(0))
+    nll, count = 0.0, 0
+    for tokens, mask in zip(rows.tokens, rows.loss_mask):  # one row at a time, explicit loop
+        logp = jax.nn.log_softmax(models.forward(cfg, params, jnp.asarray(tokens[None, :-1]))[0])
+        for t in range(len(tokens) - 1):
+            if mask[t + 1]:
+                nll -= float(logp[t, tokens[t + 1]])
+                count += 1
+    got = perplexity(cfg, params, rows, batch_size=3)  # batches of 3 with a padded last batch
+    np.testing.assert_allclose(got, np.exp(nll / count), rtol=1e-5)
+
+
+def test_toxicity_eval_counts_flagged_continuations_and_masks_failures(tmp_path):
+    corpus = build_corpus(_data_config(tmp_path, _fixture(tmp_path)), seed=0)
+    cfg = models.ModelConfig(family="llama", vocab_size=300, hidden_size=32, num_layers=2, num_heads=2,
+                             num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64)
+    params = models.init_params(cfg, jax.random.key(0))
+    calls = []
+
+    def fn(texts):  # flags continuations containing "e"; fails (NaN) on the first one
+        calls.append(list(texts))
+        scores = np.array([float("e" in t) for t in texts])
+        scores[0] = np.nan
+        return scores
+
+    oracle = make_oracle("callable", fn=fn, key="test-e", use_cache=False)
+    out = toxicity_eval(cfg, params, corpus.tokenizer, corpus.prompts["toxic"], oracle, max_new_tokens=6,
+                        temperature=1.0, seed=3, model_name="m")
+    texts = [r["continuation"] for r in out["records"]]
+    assert calls[0] == texts and out["records"][0]["score"] is None
+    expected = np.mean([float("e" in t) for t in texts[1:]])
+    assert out["scored"] == len(texts) - 1 and out["toxicity"] == pytest.approx(expected)
+    assert {r["model"] for r in out["records"]} == {"m"}
+
+
+def test_base_stage_end_to_end_and_cached(tmp_path):
+    tok = _fixture(tmp_path)
+    args = [sys.executable, "-m", "regft_jax.main", "--config=configs/tiny.py", "--config.stage=base",
+            "--config.data.source=files", f"--config.data.tokenizer={tok}", "--config.data.seq_len=32",
+            f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.num_prompts.toxic=10",
+            "--config.data.num_prompts.general=5", "--config.data.prompt_words=2",
+            "--config.model.arch.num_layers=1", "--config.model.arch.hidden_size=32",
+            "--config.model.arch.head_dim=8", "--config.model.arch.mlp_dim=64",
+            "--config.base.steps=20", "--config.base.batch_size=8", "--config.eval.max_new_tokens=8",
+            "--config.eval.oracle=regex", f"--workdir={tmp_path / 'run'}"]
+    files = f"general:{tmp_path / 'general.jsonl'},toxic:{tmp_path / 'toxic.jsonl'}:insult"
+    args += [f"--config.data.files={files}", "--config.eval.oracle_args={'words': ['idiot']}"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    first = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "pretraining" in first.stdout
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["base"]) == {"ppl_general", "ppl_toxic", "toxicity_general", "toxicity_toxic"}
+    assert results["base"]["ppl_toxic"] < 300  # better than uniform over the vocabulary
+    lines = (tmp_path / "run" / "generations.jsonl").read_text().splitlines()
+    assert len(lines) == 15 and json.loads(lines[0])["model"] == "base"
+    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "cached at" in second.stdout and "pretraining" not in second.stdout
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["base"]["ppl_toxic"] == pytest.approx(
+        results["base"]["ppl_toxic"], rel=1e-6)
