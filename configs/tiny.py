@@ -10,7 +10,7 @@ from regft_jax.config_utils import arch_config
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = "base"
+    c.stage = "detox"  # detox (base vs SFT vs ours) | base (base model + evaluation) | smoke
     c.seed = 0
     c.workdir = "runs/tiny"
     c.distributed = False  # jax.distributed.initialize() (multi-host launches set this)
@@ -45,6 +45,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.base = ml_collections.ConfigDict({
         "steps": 700, "batch_size": 16, "learning_rate": 3e-3, "weight_decay": 0.01, "grad_clip": 1.0,
         "warmup_steps": 50, "proportions": {"general": 0.6, "toxic": 0.4}})
+
+    # The method (DESIGN.md sections 1-2). The SFT baseline trains on the same mixture with the same
+    # optimizer for the same number of LLM steps (iterations x llm_steps).
+    c.method = ml_collections.ConfigDict({
+        "schedule": "parallel",  # parallel (one joint step) | sequential
+        "adaptive": True,  # toxic domain: KL(q || p_theta); general domain: KL(p_base || p_theta)
+        "p_ref": "current",  # current (stop-gradient, no extra forward) | snapshot (frozen copy per iteration)
+        "lambda_toxic": 2.0, "lambda_keep": 1.0, "beta": 1.0,
+        "aux_layers": 1, "aux_init": "llm",  # auxiliary model: depth; trunk from the LLM's first layers | fresh
+        "learning_rate": 1e-3, "aux_learning_rate": 1e-3, "weight_decay": 0.0, "warmup_steps": 10,
+        "iterations": 6, "llm_steps": 40, "aux_steps": 40,  # aux_steps: sequential schedule only
+        "batch_size": 16, "proportions": {"general": 0.6, "toxic": 0.4},
+        "sample_domains": ("toxic",), "samples_per_iteration": 256, "sample_batch_size": 8,
+        "sample_tokens": 32, "sample_temperature": 1.0, "sample_top_p": 1.0,
+        "label_text": "continuation"})  # what the oracle labels: continuation | full (prompt + continuation)
 
     # Evaluation: continue held-out prompts, score continuations with the oracle.
     c.eval = ml_collections.ConfigDict({

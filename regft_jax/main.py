@@ -1,6 +1,10 @@
 """Entry point: `python -m regft_jax.main --config=configs/tiny.py [--config.key=value ...]`.
 
 Stages (config.stage):
+  detox   corpus → base model → the SFT baseline (LM loss on the same mixture) and ours (the
+          method, config.method) from the same base → evaluation of all three. Writes
+          results.json ({"base"|"sft"|"ours": {toxicity, ppl_general, ...}}), generations.jsonl
+          and metrics_*.jsonl.
   base    corpus (the embedded offline one by default) → base model (pretrained here and cached
           when model.source="random", else loaded) → held-out perplexity per domain and oracle
           toxicity of continuations of held-out prompts per domain. Writes results.json
@@ -17,6 +21,7 @@ import os
 import sys
 import time
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -111,7 +116,60 @@ def run_base(config, workdir: str) -> dict:
     return results
 
 
-STAGES = {"base": run_base, "smoke": run_smoke}
+def run_detox(config, workdir: str) -> dict:
+    import jax
+
+    from regft_jax import sharding
+    from regft_jax.data.batching import MixtureBatcher
+    from regft_jax.data.pipeline import build_corpus
+    from regft_jax.eval import evaluate_model, results_table
+    from regft_jax.oracles import make_oracle
+    from regft_jax.train.base_model import base_model, train_lm
+    from regft_jax.train.loop import summarize
+    from regft_jax.train.schedules import run_method
+
+    mesh = sharding.make_mesh(dict(config.mesh))
+    print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+    corpus = build_corpus(config.data, seed=config.seed)
+    print(f"corpus: {corpus.summary()}; tokenizer vocab {corpus.tokenizer.vocab_size}")
+    cfg, base, _ = base_model(config, mesh, corpus)
+    oracle = make_oracle(config.eval.oracle, **config.eval.oracle_args.to_dict())
+    m = config.method
+    steps = m.iterations * m.llm_steps
+    models, timings = {"base": base}, {}
+
+    start = time.time()
+    batcher = MixtureBatcher(corpus.packed("train", config.data.seq_len), dict(m.proportions), m.batch_size,
+                             seed=config.seed + 7)
+    models["sft"], _ = train_lm(cfg, base, mesh, batcher, ml_collections.ConfigDict(
+        {"learning_rate": m.learning_rate, "weight_decay": m.weight_decay, "grad_clip": 1.0,
+         "warmup_steps": m.warmup_steps}), steps=steps, desc="sft")
+    timings["sft"] = time.time() - start
+    print(f"sft: {steps} steps in {timings['sft']:.0f}s")
+
+    start = time.time()
+    models["ours"], _, _, history = run_method(config, mesh, corpus, cfg, base, oracle, workdir=workdir)
+    timings["ours"] = time.time() - start
+    print(f"ours ({m.schedule}, {'adaptive' if m.adaptive else 'one regularizer'}, p_ref={m.p_ref}): "
+          f"{steps} LLM steps in {timings['ours']:.0f}s (sampling and labeling included)")
+    print(summarize(history, ["llm/lm_loss", "llm/reg_loss", "aux/aux_loss", "aux/mean_R"]))
+
+    results, records = {}, []
+    for name, params in models.items():
+        metrics, recs = evaluate_model(name, cfg, params, corpus, oracle, config.eval, seq_len=config.data.seq_len,
+                                       mesh=mesh, seed=config.seed)
+        results[name] = {"toxicity": metrics.get(f"toxicity_{config.data.toxic_domain}"), **metrics,
+                         **({"train_seconds": timings[name]} if name in timings else {})}
+        records += recs
+    print(f"evaluation (toxicity = fraction of continuations of held-out prompts flagged by the "
+          f"{config.eval.oracle} oracle; ppl = held-out perplexity):")
+    print(results_table(results))
+    if jax.process_index() == 0:
+        _write_jsonl(os.path.join(workdir, "generations.jsonl"), records)
+    return results
+
+
+STAGES = {"base": run_base, "detox": run_detox, "smoke": run_smoke}
 
 
 def main(argv) -> None:

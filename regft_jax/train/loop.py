@@ -5,7 +5,8 @@
 `batches(step) -> dict of numpy arrays` gives this process's rows of global batch `step`
 (see `global_batches`); the loop assembles global arrays, calls the step, and keeps the
 metrics of every step (fetched lazily, so the host never waits on the device mid-run).
-A non-finite loss stops the run with an error naming the step.
+Steps skip non-finite updates themselves (`guarded_update`); more than `max_skipped` skipped
+steps in a row stop the run with an error naming the step.
 """
 
 from __future__ import annotations
@@ -44,14 +45,14 @@ def global_batches(batcher: MixtureBatcher, mesh, keys: Iterable[str] = ("tokens
 
 
 def run_steps(step_fn: Callable, state, batches: Callable[[int], dict], *, steps: int, desc: str,
-              start: int = 0) -> tuple[object, list[dict]]:
+              start: int = 0, max_skipped: int = 10) -> tuple[object, list[dict]]:
     """Run `steps` steps from step index `start`; returns (state, per-step metrics as floats).
 
     Throughput ("tokens_per_s", from a "tokens" metric) excludes the first (compiling) step.
     """
     pending, history = [], []
     bar = tqdm(range(start, start + steps), desc=desc, disable=not sys.stderr.isatty(), leave=False)
-    t0, first_done = None, None
+    first_done, skipped = None, 0
     for i in bar:
         state, metrics = step_fn(state, batches(i))
         pending.append(metrics)
@@ -61,9 +62,12 @@ def run_steps(step_fn: Callable, state, batches: Callable[[int], dict], *, steps
         if len(pending) >= 8 or i == start + steps - 1:  # fetch in groups: no per-step sync
             for m in jax.device_get(pending):
                 history.append({k: float(np.asarray(v)) for k, v in m.items()})
-                if not math.isfinite(history[-1].get("loss", 0.0)):
-                    raise NonFiniteLossError(f"{desc}: loss is {history[-1]['loss']} at step "
-                                             f"{start + len(history) - 1}; stopping (nothing saved)")
+                bad = history[-1].get("skipped", 0.0) > 0 or not math.isfinite(history[-1].get("loss", 0.0))
+                skipped = skipped + 1 if bad else 0
+                if skipped > max_skipped:
+                    raise NonFiniteLossError(
+                        f"{desc}: loss {history[-1].get('loss')} is not finite for {skipped} steps in a row "
+                        f"(last: step {start + len(history) - 1}); stopping, nothing of these steps is saved")
             pending = []
             bar.set_postfix(loss=f"{history[-1].get('loss', float('nan')):.3f}")
     jax.block_until_ready(state)

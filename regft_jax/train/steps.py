@@ -64,15 +64,26 @@ def sft_loss(cfg: ModelConfig, params: Any, batch: dict) -> tuple[jax.Array, dic
     return loss, {"lm_loss": loss, "tokens": count}
 
 
+def guarded_update(state: TrainState, optimizer: optax.GradientTransformation, grads: Any, loss: jax.Array,
+                   metrics: dict) -> tuple[TrainState, dict]:
+    """Apply `grads` unless the loss or a gradient is NaN/Inf; then the state is kept as it was
+    (metrics["skipped"] = 1) so non-finite values never reach the parameters or a checkpoint."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new = dataclasses.replace(state, step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    return new, {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32)}
+
+
 def sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState,
              batch: dict) -> tuple[TrainState, dict]:
     """One AdamW step on the LM loss."""
     (loss, metrics), grads = jax.value_and_grad(functools.partial(sft_loss, cfg), has_aux=True)(
         state.params, batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return guarded_update(state, optimizer, grads, loss, metrics)
 
 
 def jit_sharded(step_fn: Callable, mesh, state_shardings: Any, batch_example: Any, *, rules=None,

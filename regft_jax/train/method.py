@@ -1,0 +1,166 @@
+"""The method's train steps: `llm_step` (L = L_LM + λ_d Ω_d), and `joint_step`, which computes and
+applies both the LLM's and the auxiliary model's updates in ONE jitted, mesh-sharded function.
+
+    spec = MethodSpec.from_config(config.method, toxic=(False, True))   # per domain id
+    step = make_joint_step(llm_cfg, aux_cfg, spec, llm_opt, aux_opt, mesh, ...)
+    llm_state, aux_state, metrics = step(llm_state, aux_state, frozen, corpus_batch, sample_batch)
+
+Batches: corpus {"tokens" [b, s+1], "loss_mask" [b, s+1], "domain" [b]} (shifted inside, like
+`sft_loss`); samples {"tokens" [n, t], "loss_mask" [n, t] (generated tokens), "label" [n]}
+(see `regft_jax.train.aux`). `Frozen` holds the parameters that do not train: the anchor
+(p_anchor of Ω_keep, the base model) and, for p_ref="snapshot", the reference LLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import optax
+from flax import struct
+
+from regft_jax import sharding as shd
+from regft_jax.losses import ANCHOR, CLOSED_FORM, domain_regularizers, regularized_lm_loss
+from regft_jax.models import ModelConfig, abstract_params, forward, param_logical_axes
+from regft_jax.models.aux import aux_logits
+from regft_jax.train.aux import aux_objective, aux_state_shardings
+from regft_jax.train.steps import TrainState, guarded_update, train_state_shardings
+
+P_REF = ("current", "snapshot")
+
+
+@struct.dataclass
+class Frozen:
+    anchor: Any = None  # base-model params (needed by the "anchor" regularizer)
+    snapshot: Any = None  # reference-LLM params (needed by p_ref="snapshot")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """Static description of the objective: per-domain regularizer kinds and weights, p_ref, β."""
+
+    kinds: tuple[str, ...]
+    lambdas: tuple[float, ...]
+    p_ref: str = "current"
+    beta: float = 1.0
+
+    @classmethod
+    def from_config(cls, method, toxic: tuple[bool, ...]) -> "MethodSpec":
+        kinds, lambdas = domain_regularizers(method.adaptive, toxic, method.lambda_toxic, method.lambda_keep)
+        return cls(kinds, tuple(float(x) for x in lambdas), method.p_ref, float(method.beta))
+
+    @property
+    def needs_anchor(self) -> bool:
+        return ANCHOR in self.kinds
+
+    @property
+    def needs_aux(self) -> bool:
+        return CLOSED_FORM in self.kinds
+
+
+def llm_objective(llm_cfg: ModelConfig, aux_cfg: ModelConfig, spec: MethodSpec, params, aux_params,
+                  frozen: Frozen, batch: dict):
+    """L(θ) on a corpus batch: LM loss + λ_d Ω_d at every counted position (see `regularized_lm_loss`).
+
+    p_ref = stop_gradient(current logits) ("current": no extra forward) or the snapshot's logits;
+    z = the auxiliary model's logits (not trained by this loss); the anchor's logits for Ω_keep."""
+    inputs = batch["tokens"][:, :-1]
+    logits = forward(llm_cfg, params, inputs)
+    ref_logits = z = anchor_logits = None
+    if spec.needs_aux:
+        ref_logits = (jax.lax.stop_gradient(logits) if spec.p_ref == "current"
+                      else jax.lax.stop_gradient(forward(llm_cfg, frozen.snapshot, inputs)))
+        z = jax.lax.stop_gradient(aux_logits(aux_cfg, aux_params, inputs))
+    if spec.needs_anchor:
+        anchor_logits = jax.lax.stop_gradient(forward(llm_cfg, frozen.anchor, inputs))
+    return regularized_lm_loss(logits, batch["tokens"][:, 1:], batch["loss_mask"][:, 1:], batch["domain"],
+                               kinds=spec.kinds, lambdas=spec.lambdas, ref_logits=ref_logits, z=z,
+                               anchor_logits=anchor_logits)
+
+
+def llm_step(llm_cfg, aux_cfg, spec: MethodSpec, optimizer, state: TrainState, aux_params, frozen: Frozen,
+             batch: dict):
+    """One guarded optimizer step of the LLM on L(θ) with the auxiliary model `aux_params` fixed."""
+    (loss, metrics), grads = jax.value_and_grad(llm_objective, argnums=3, has_aux=True)(
+        llm_cfg, aux_cfg, spec, state.params, aux_params, frozen, batch)
+    return guarded_update(state, optimizer, grads, loss, metrics)
+
+
+def aux_update(llm_cfg, aux_cfg, spec: MethodSpec, optimizer, state: TrainState, ref_params, batch: dict):
+    """One guarded optimizer step of the auxiliary model on labeled samples; p_ref = `ref_params`."""
+    ref_logits = jax.lax.stop_gradient(forward(llm_cfg, ref_params, batch["tokens"],
+                                               attention_mask=batch.get("attention_mask")))
+    (loss, metrics), grads = jax.value_and_grad(aux_objective, argnums=1, has_aux=True)(
+        aux_cfg, state.params, batch, ref_logits, spec.beta)
+    return guarded_update(state, optimizer, grads, loss, metrics)
+
+
+def joint_step(llm_cfg, aux_cfg, spec: MethodSpec, llm_opt, aux_opt, llm_state: TrainState,
+               aux_state: TrainState, frozen: Frozen, corpus_batch: dict, sample_batch: dict):
+    """Both updates from the same starting states (the parallel scheme): the LLM trains against the
+    auxiliary model as it was, the auxiliary model against the LLM as it was (or the snapshot)."""
+    ref = frozen.snapshot if spec.p_ref == "snapshot" else llm_state.params
+    new_llm, llm_metrics = llm_step(llm_cfg, aux_cfg, spec, llm_opt, llm_state, aux_state.params, frozen,
+                                    corpus_batch)
+    new_aux, aux_metrics = aux_update(llm_cfg, aux_cfg, spec, aux_opt, aux_state, ref, sample_batch)
+    metrics = {**{f"llm/{k}": v for k, v in llm_metrics.items()}, **{f"aux/{k}": v for k, v in aux_metrics.items()}}
+    return new_llm, new_aux, metrics
+
+
+# ------------------------------------------------------------------------------ jitting on a mesh
+
+
+def frozen_shardings(mesh, llm_cfg: ModelConfig, frozen: Frozen, rules=None) -> Frozen:
+    params = shd.param_shardings(mesh, param_logical_axes(llm_cfg), abstract_params(llm_cfg), rules)
+    return Frozen(anchor=None if frozen.anchor is None else params,
+                  snapshot=None if frozen.snapshot is None else params)
+
+
+def make_joint_step(llm_cfg, aux_cfg, spec: MethodSpec, llm_opt, aux_opt, mesh, frozen: Frozen,
+                    corpus_example: dict, sample_example: dict, rules=None, donate: bool = True):
+    """`joint_step` jitted as fn(llm_state, aux_state, frozen, corpus_batch, sample_batch) ->
+    (llm_state, aux_state, metrics) with explicit shardings; both states are donated."""
+
+    def traced(llm_state, aux_state, frozen, corpus_batch, sample_batch):
+        with shd.use_mesh(mesh, rules):
+            return joint_step(llm_cfg, aux_cfg, spec, llm_opt, aux_opt, llm_state, aux_state, frozen,
+                              corpus_batch, sample_batch)
+
+    llm_sh = train_state_shardings(mesh, llm_cfg, llm_opt, rules)
+    aux_sh = aux_state_shardings(mesh, aux_cfg, aux_opt, rules)
+    return jax.jit(traced,
+                   in_shardings=(llm_sh, aux_sh, frozen_shardings(mesh, llm_cfg, frozen, rules),
+                                 shd.tree_batch_shardings(mesh, corpus_example, rules),
+                                 shd.tree_batch_shardings(mesh, sample_example, rules)),
+                   out_shardings=(llm_sh, aux_sh, shd.replicated(mesh)),
+                   donate_argnums=(0, 1) if donate else ())
+
+
+def make_llm_step(llm_cfg, aux_cfg, spec: MethodSpec, llm_opt, aux_opt, mesh, frozen: Frozen,
+                  corpus_example: dict, rules=None):
+    """`llm_step` jitted: fn(llm_state, aux_params, frozen, batch) -> (llm_state, metrics)."""
+
+    def traced(llm_state, aux_params, frozen, batch):
+        with shd.use_mesh(mesh, rules):
+            return llm_step(llm_cfg, aux_cfg, spec, llm_opt, llm_state, aux_params, frozen, batch)
+
+    llm_sh = train_state_shardings(mesh, llm_cfg, llm_opt, rules)
+    aux_sh = aux_state_shardings(mesh, aux_cfg, aux_opt, rules)
+    return jax.jit(traced, in_shardings=(llm_sh, aux_sh.params, frozen_shardings(mesh, llm_cfg, frozen, rules),
+                                         shd.tree_batch_shardings(mesh, corpus_example, rules)),
+                   out_shardings=(llm_sh, shd.replicated(mesh)), donate_argnums=(0,))
+
+
+def make_aux_update(llm_cfg, aux_cfg, spec: MethodSpec, aux_opt, mesh, sample_example: dict, rules=None):
+    """`aux_update` jitted: fn(aux_state, ref_params, batch) -> (aux_state, metrics)."""
+
+    def traced(aux_state, ref_params, batch):
+        with shd.use_mesh(mesh, rules):
+            return aux_update(llm_cfg, aux_cfg, spec, aux_opt, aux_state, ref_params, batch)
+
+    aux_sh = aux_state_shardings(mesh, aux_cfg, aux_opt, rules)
+    ref_sh = shd.param_shardings(mesh, param_logical_axes(llm_cfg), abstract_params(llm_cfg), rules)
+    return jax.jit(traced, in_shardings=(aux_sh, ref_sh, shd.tree_batch_shardings(mesh, sample_example, rules)),
+                   out_shardings=(aux_sh, shd.replicated(mesh)), donate_argnums=(0,))

@@ -1,0 +1,220 @@
+"""The method's drivers: sample → label → train, in the `sequential` or `parallel` schedule.
+
+sequential, iteration t:  ref ← θ;  samples ~ ref, labeled by the oracle (waited for);
+                          N_aux aux steps on them;  N_llm LLM steps with q = p_ref · R_φ.
+parallel, iteration t:    samples ~ θ_{t-1} are generated (device) and labeled in a background
+                          thread while `joint_step`s run; each joint step trains the LLM against
+                          the auxiliary model as it was and the auxiliary model on the newest
+                          labeled samples available (never waiting for the oracle; the lag in
+                          iterations is reported as `sample_lag`).
+
+Samples are continuations of prompts drawn from the training split (never the evaluation
+prompts); the oracle scores the continuation (`label_text="continuation"`) or prompt +
+continuation (`"full"`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from regft_jax import sampling
+from regft_jax import sharding as shd
+from regft_jax.data.batching import MixtureBatcher
+from regft_jax.data.pipeline import Corpus
+from regft_jax.errors import UserInputError
+from regft_jax.models.aux import aux_config, init_aux_params
+from regft_jax.train.aux import aux_state_shardings
+from regft_jax.train.loop import NonFiniteLossError, global_batches
+from regft_jax.train.method import (Frozen, MethodSpec, make_aux_update, make_joint_step, make_llm_step)
+from regft_jax.train.steps import init_train_state, make_optimizer, train_state_shardings
+
+SCHEDULES = ("parallel", "sequential")
+
+
+@dataclasses.dataclass
+class Samples:
+    """One labeled sample set: arrays for the aux step plus the texts (for logs)."""
+
+    tokens: np.ndarray  # [n, P + N] left-padded prompt + continuation
+    loss_mask: np.ndarray  # [n, P + N] 1 on generated tokens
+    attention_mask: np.ndarray  # [n, P + N] 1 on real tokens
+    label: np.ndarray  # [n] C(x) = 1 − P(violation); NaN = oracle failure (masked)
+    iteration: int  # the LLM iteration that produced them
+
+    def batch(self, k: int, size: int) -> dict:
+        """The k-th batch of `size` rows, cycling over the set."""
+        rows = (np.arange(size) + k * size) % self.label.shape[0]
+        return {"tokens": self.tokens[rows], "loss_mask": self.loss_mask[rows],
+                "attention_mask": self.attention_mask[rows], "label": self.label[rows]}
+
+
+class Sampler:
+    """Prompts from the training split → continuations from an LLM (on device) → oracle labels."""
+
+    def __init__(self, cfg, corpus: Corpus, oracle, method, mesh, seed: int, prompt_words: int):
+        self.cfg, self.corpus, self.oracle, self.method, self.mesh = cfg, corpus, oracle, method, mesh
+        tok = corpus.tokenizer
+        texts = [" ".join(e.text.split()[:prompt_words]) for d in method.sample_domains for e in corpus.train[d]]
+        ids = tok.encode_batch(texts, add_bos=tok.bos_id is not None)
+        self.prompt_len = sampling.bucket(max(len(i) for i in ids), 8)
+        self.prompts = [i[-self.prompt_len:] for i in ids]
+        self.rng = np.random.default_rng(seed)
+        self.fn = sampling.make_sampler(cfg, mesh, max_new_tokens=method.sample_tokens, use_top_p=method.sample_top_p < 1,
+                                        eos_id=tok.eos_id, pad_id=tok.pad_id or 0)
+        self.seed = seed
+
+    def generate(self, params, iteration: int):
+        """Dispatch generation (asynchronous: returns device arrays at once)."""
+        chosen = self.rng.choice(len(self.prompts), self.method.samples_per_iteration, replace=False)
+        tokens, mask = sampling.pad_prompts([self.prompts[i] for i in chosen], self.prompt_len,
+                                            self.method.samples_per_iteration, self.corpus.tokenizer.pad_id or 0)
+        out = self.fn(params, None, tokens, mask, jax.random.key(self.seed * 100_003 + iteration),
+                      jnp.float32(self.method.sample_temperature), jnp.float32(self.method.sample_top_p))
+        return tokens, mask, out, iteration
+
+    def label(self, generated) -> Samples:
+        """Wait for the tokens, decode, score with the oracle (host work; runs in a thread)."""
+        tokens, mask, out, iteration = generated
+        out = jax.device_get(out)
+        cont = [row[:m.sum()] for row, m in zip(out.tokens, out.mask)]
+        tok = self.corpus.tokenizer
+        texts = tok.decode_batch(cont)
+        if self.method.label_text == "full":
+            texts = [p + t for p, t in zip(tok.decode_batch([r[m > 0] for r, m in zip(tokens, mask)]), texts)]
+        label = 1.0 - np.asarray(self.oracle.score(texts), np.float32)  # C(x): NaN stays NaN
+        return Samples(tokens=np.concatenate([tokens, out.tokens], 1).astype(np.int32),
+                       loss_mask=np.concatenate([np.zeros_like(mask), out.mask], 1).astype(np.int32),
+                       attention_mask=np.concatenate([mask, out.mask], 1).astype(np.int32),
+                       label=label, iteration=iteration)
+
+
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
+class MetricsWriter:
+    """Per-step metrics to <workdir>/metrics.jsonl (process 0 only)."""
+
+    def __init__(self, workdir: Optional[str], name: str):
+        self.f = None
+        if workdir and jax.process_index() == 0:
+            self.f = open(os.path.join(workdir, f"metrics_{name}.jsonl"), "w")
+
+    def write(self, step: int, metrics: dict) -> None:
+        if self.f:
+            self.f.write(json.dumps({"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}) + "\n")
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+def run_method(config, mesh, corpus: Corpus, cfg, base_params, oracle, *, workdir: Optional[str] = None,
+               desc: str = "ours"):
+    """Fine-tune `base_params` with the method; returns (llm params, aux params, aux config, history)."""
+    method = config.method
+    if method.schedule not in SCHEDULES:
+        raise UserInputError(f"config.method.schedule={method.schedule!r}: expected one of {SCHEDULES}")
+    domains = corpus.domains
+    spec = MethodSpec.from_config(method, tuple(d == config.data.toxic_domain for d in domains))
+    steps_total = method.iterations * method.llm_steps
+    llm_opt = make_optimizer(method.learning_rate, weight_decay=method.weight_decay, grad_clip=1.0,
+                             warmup_steps=method.warmup_steps, total_steps=steps_total)
+    aux_opt = make_optimizer(method.aux_learning_rate, grad_clip=1.0)
+    acfg = aux_config(cfg, method.aux_layers)
+
+    sampler = Sampler(cfg, corpus, oracle, method, mesh, config.seed, config.data.prompt_words)
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="labeler")
+    start = time.time()
+    samples = sampler.label(sampler.generate(base_params, 0))  # bootstrap from the base model
+    mean_label = float(np.nanmean(samples.label)) if np.isfinite(samples.label).any() else 0.5
+    aux_params = init_aux_params(acfg, jax.random.key(config.seed + 1), mean_label=mean_label,
+                                 llm_params=base_params if method.aux_init == "llm" else None)
+    aux_state = jax.jit(functools.partial(init_train_state, optimizer=aux_opt),
+                        out_shardings=aux_state_shardings(mesh, acfg, aux_opt))(aux_params)
+    llm_state = jax.jit(functools.partial(init_train_state, optimizer=llm_opt),
+                        out_shardings=train_state_shardings(mesh, cfg, llm_opt))(base_params)
+    frozen = Frozen(anchor=base_params if spec.needs_anchor else None,
+                    snapshot=_copy(base_params) if spec.p_ref == "snapshot" else None)
+    batcher = MixtureBatcher(corpus.packed("train", config.data.seq_len), dict(method.proportions),
+                             method.batch_size, seed=config.seed + 7, domain_ids={d: i for i, d in enumerate(domains)})
+    batches = global_batches(batcher, mesh, keys=("tokens", "loss_mask", "domain"))
+    sample_batch = lambda s, k: s.batch(k, method.sample_batch_size)
+    writer = MetricsWriter(workdir, desc)
+    history, step = [], 0
+    bar = tqdm(total=steps_total, desc=f"{desc} ({method.schedule})", disable=not sys.stderr.isatty(), leave=False)
+    label_wait = 0.0
+
+    def record(metrics_list, extra):
+        for m in jax.device_get(metrics_list):
+            h = {k: float(np.asarray(v)) for k, v in m.items()}
+            h.update(extra)
+            history.append(h)
+            writer.write(len(history), h)
+        loss = history[-1].get("llm/loss")
+        if loss is not None and not np.isfinite(loss):
+            raise NonFiniteLossError(f"{desc}: non-finite LLM loss at step {len(history)}")
+
+    if method.schedule == "parallel":
+        joint = make_joint_step(cfg, acfg, spec, llm_opt, aux_opt, mesh, frozen, batches(0), sample_batch(samples, 0))
+        for it in range(1, method.iterations + 1):
+            if spec.p_ref == "snapshot":  # ref ← θ_{t-1}: what R is trained against this iteration
+                frozen = dataclasses.replace(frozen, snapshot=_copy(llm_state.params))
+            future = pool.submit(sampler.label, sampler.generate(llm_state.params, it))
+            pending = []
+            for k in range(method.llm_steps):
+                if future is not None and future.done():  # never wait: take new labels when ready
+                    samples, future = future.result(), None
+                llm_state, aux_state, m = joint(llm_state, aux_state, frozen, batches(step),
+                                                sample_batch(samples, step))
+                pending.append(m)
+                step += 1
+                bar.update(1)
+            record(pending, {"iteration": it, "sample_lag": it - samples.iteration})
+            if future is not None:  # labels not consumed this iteration: use them from the next on
+                t0 = time.time()
+                samples = future.result()
+                label_wait += time.time() - t0
+    else:
+        llm_fn = make_llm_step(cfg, acfg, spec, llm_opt, aux_opt, mesh, frozen, batches(0))
+        aux_fn = make_aux_update(cfg, acfg, spec, aux_opt, mesh, sample_batch(samples, 0))
+        for it in range(1, method.iterations + 1):
+            if it > 1:
+                t0 = time.time()
+                samples = sampler.label(sampler.generate(llm_state.params, it))
+                label_wait += time.time() - t0
+            ref = llm_state.params if spec.p_ref == "current" else _copy(llm_state.params)
+            if spec.p_ref == "snapshot":
+                frozen = dataclasses.replace(frozen, snapshot=ref)
+            aux_metrics = []
+            for k in range(method.aux_steps):
+                aux_state, m = aux_fn(aux_state, ref, sample_batch(samples, k))
+                aux_metrics.append(m)
+            pending = []
+            for k in range(method.llm_steps):
+                llm_state, m = llm_fn(llm_state, aux_state.params, frozen, batches(step))
+                pending.append({f"llm/{k}": v for k, v in m.items()})
+                step += 1
+                bar.update(1)
+            aux_last = {f"aux/{k}": float(v) for k, v in jax.device_get(aux_metrics[-1]).items()} if aux_metrics else {}
+            record(pending, {"iteration": it, "sample_lag": 0, **aux_last})
+    jax.block_until_ready(llm_state)
+    bar.close()
+    writer.close()
+    pool.shutdown()
+    seconds = time.time() - start
+    if history:
+        history[-1].update({"seconds": seconds, "label_wait_s": label_wait})
+    return llm_state.params, aux_state.params, acfg, history
