@@ -120,6 +120,9 @@ class MixtureBatcher:
       seed: data seed.
       domain_ids: domain name -> integer id put in the ``domain`` array; default: the order
         of ``proportions``. Share it with the loss so per-domain weights line up.
+      shuffle_slots: shuffle which slot each domain's rows occupy per step; with False, every
+        global batch holds the domains in contiguous row ranges (in ``domain_ids`` order, sizes =
+        ``quotas``), which lets a step run per-domain computations on static row slices.
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class MixtureBatcher:
         global_batch_size: int,
         seed: int,
         domain_ids: Mapping[str, int] | None = None,
+        shuffle_slots: bool = True,
     ):
         missing = [d for d, p in proportions.items() if p > 0 and d not in rows]
         if missing:
@@ -139,12 +143,14 @@ class MixtureBatcher:
         self.rows = dict(rows)
         self.global_batch_size = global_batch_size
         self.seed = seed
+        self.shuffle_slots = shuffle_slots
         self.domain_ids = dict(domain_ids or {d: i for i, d in enumerate(proportions)})
         absent = set(proportions) - set(self.domain_ids)
         if absent:
             raise UserInputError(f"domain_ids lacks domains {sorted(absent)}")
         quotas = batch_quotas(proportions, global_batch_size)
-        self.quotas = {d: q for d, q in quotas.items() if q > 0}
+        by_id = sorted((d for d, q in quotas.items() if q > 0), key=lambda d: self.domain_ids[d])
+        self.quotas = {d: quotas[d] for d in by_id}
         for domain in self.quotas:
             if self.rows[domain].num_rows == 0:
                 raise UserInputError(f"domain {domain!r} has a positive proportion but no rows")
@@ -165,6 +171,8 @@ class MixtureBatcher:
             slot_domain.append(np.full(quota, position, np.int64))
             slot_row.append(self._streams[domain].take(step * quota, quota))
         slot_domain, slot_row = np.concatenate(slot_domain), np.concatenate(slot_row)
+        if not self.shuffle_slots:
+            return slot_domain, slot_row
         order = np.random.default_rng([self.seed, step, _SHUFFLE_TAG]).permutation(slot_domain.size)
         return slot_domain[order], slot_row[order]
 

@@ -1,7 +1,7 @@
 """The method's train steps: `llm_step` (L = L_LM + λ_d Ω_d), and `joint_step`, which computes and
 applies both the LLM's and the auxiliary model's updates in ONE jitted, mesh-sharded function.
 
-    spec = MethodSpec.from_config(config.method, toxic=(False, True))   # per domain id
+    spec = MethodSpec.from_config(config.method, toxic=(False, True), domain_rows=(10, 6))
     step = make_joint_step(llm_cfg, aux_cfg, spec, llm_opt, aux_opt, mesh, ...)
     llm_state, aux_state, metrics = step(llm_state, aux_state, frozen, corpus_batch, sample_batch)
 
@@ -18,14 +18,16 @@ import functools
 from typing import Any, Optional
 
 import jax
-import optax
+import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from regft_jax import sharding as shd
+from regft_jax.errors import UserInputError
 from regft_jax.losses import ANCHOR, CLOSED_FORM, domain_regularizers, regularized_lm_loss
 from regft_jax.models import ModelConfig, abstract_params, forward, param_logical_axes
 from regft_jax.models.aux import aux_logits
-from regft_jax.train.aux import aux_objective, aux_state_shardings
+from regft_jax.train.aux import aux_state_shardings, aux_step
 from regft_jax.train.steps import TrainState, guarded_update, train_state_shardings
 
 P_REF = ("current", "snapshot")
@@ -39,17 +41,35 @@ class Frozen:
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    """Static description of the objective: per-domain regularizer kinds and weights, p_ref, β."""
+    """Static description of the objective: per-domain regularizer kinds and weights, p_ref, β.
+
+    domain_rows: rows per domain id when corpus batches hold the domains in contiguous row
+    ranges in id order (`MixtureBatcher(shuffle_slots=False)`); then the extra forwards (the
+    anchor for Ω_keep, the auxiliary model and a snapshot for Ω_tox) run only on the rows that
+    need them. None: on every row.
+    """
 
     kinds: tuple[str, ...]
     lambdas: tuple[float, ...]
     p_ref: str = "current"
     beta: float = 1.0
+    domain_rows: Optional[tuple[int, ...]] = None
 
     @classmethod
-    def from_config(cls, method, toxic: tuple[bool, ...]) -> "MethodSpec":
+    def from_config(cls, method, toxic: tuple[bool, ...], domain_rows=None) -> "MethodSpec":
+        if method.p_ref not in P_REF:
+            raise UserInputError(f"config.method.p_ref={method.p_ref!r}: expected one of {P_REF}")
         kinds, lambdas = domain_regularizers(method.adaptive, toxic, method.lambda_toxic, method.lambda_keep)
-        return cls(kinds, tuple(float(x) for x in lambdas), method.p_ref, float(method.beta))
+        return cls(kinds, tuple(float(x) for x in lambdas), method.p_ref, float(method.beta),
+                   None if domain_rows is None else tuple(int(n) for n in domain_rows))
+
+    def rows(self, kind: str, batch: int) -> tuple[int, int]:
+        """The (static) row range covering every row whose domain uses regularizer `kind`."""
+        if self.domain_rows is None:
+            return 0, batch
+        ends = np.cumsum((0,) + self.domain_rows)
+        ids = [d for d, k in enumerate(self.kinds) if k == kind and self.domain_rows[d] > 0]
+        return (int(ends[min(ids)]), int(ends[max(ids) + 1])) if ids else (0, 0)
 
     @property
     def needs_anchor(self) -> bool:
@@ -65,16 +85,24 @@ def llm_objective(llm_cfg: ModelConfig, aux_cfg: ModelConfig, spec: MethodSpec, 
     """L(θ) on a corpus batch: LM loss + λ_d Ω_d at every counted position (see `regularized_lm_loss`).
 
     p_ref = stop_gradient(current logits) ("current": no extra forward) or the snapshot's logits;
-    z = the auxiliary model's logits (not trained by this loss); the anchor's logits for Ω_keep."""
+    z = the auxiliary model's logits (not trained by this loss); the anchor's logits for Ω_keep.
+    Each extra forward runs on the row range that needs it (`MethodSpec.rows`), zeros elsewhere."""
     inputs = batch["tokens"][:, :-1]
     logits = forward(llm_cfg, params, inputs)
+    b = inputs.shape[0]
+
+    def on_rows(kind, fn):
+        lo, hi = spec.rows(kind, b)
+        out = jax.lax.stop_gradient(fn(inputs[lo:hi]))
+        return jnp.pad(out, ((lo, b - hi),) + ((0, 0),) * (out.ndim - 1))
+
     ref_logits = z = anchor_logits = None
     if spec.needs_aux:
         ref_logits = (jax.lax.stop_gradient(logits) if spec.p_ref == "current"
-                      else jax.lax.stop_gradient(forward(llm_cfg, frozen.snapshot, inputs)))
-        z = jax.lax.stop_gradient(aux_logits(aux_cfg, aux_params, inputs))
+                      else on_rows(CLOSED_FORM, lambda x: forward(llm_cfg, frozen.snapshot, x)))
+        z = on_rows(CLOSED_FORM, lambda x: aux_logits(aux_cfg, aux_params, x))
     if spec.needs_anchor:
-        anchor_logits = jax.lax.stop_gradient(forward(llm_cfg, frozen.anchor, inputs))
+        anchor_logits = on_rows(ANCHOR, lambda x: forward(llm_cfg, frozen.anchor, x))
     return regularized_lm_loss(logits, batch["tokens"][:, 1:], batch["loss_mask"][:, 1:], batch["domain"],
                                kinds=spec.kinds, lambdas=spec.lambdas, ref_logits=ref_logits, z=z,
                                anchor_logits=anchor_logits)
@@ -88,15 +116,6 @@ def llm_step(llm_cfg, aux_cfg, spec: MethodSpec, optimizer, state: TrainState, a
     return guarded_update(state, optimizer, grads, loss, metrics)
 
 
-def aux_update(llm_cfg, aux_cfg, spec: MethodSpec, optimizer, state: TrainState, ref_params, batch: dict):
-    """One guarded optimizer step of the auxiliary model on labeled samples; p_ref = `ref_params`."""
-    ref_logits = jax.lax.stop_gradient(forward(llm_cfg, ref_params, batch["tokens"],
-                                               attention_mask=batch.get("attention_mask")))
-    (loss, metrics), grads = jax.value_and_grad(aux_objective, argnums=1, has_aux=True)(
-        aux_cfg, state.params, batch, ref_logits, spec.beta)
-    return guarded_update(state, optimizer, grads, loss, metrics)
-
-
 def joint_step(llm_cfg, aux_cfg, spec: MethodSpec, llm_opt, aux_opt, llm_state: TrainState,
                aux_state: TrainState, frozen: Frozen, corpus_batch: dict, sample_batch: dict):
     """Both updates from the same starting states (the parallel scheme): the LLM trains against the
@@ -104,7 +123,7 @@ def joint_step(llm_cfg, aux_cfg, spec: MethodSpec, llm_opt, aux_opt, llm_state: 
     ref = frozen.snapshot if spec.p_ref == "snapshot" else llm_state.params
     new_llm, llm_metrics = llm_step(llm_cfg, aux_cfg, spec, llm_opt, llm_state, aux_state.params, frozen,
                                     corpus_batch)
-    new_aux, aux_metrics = aux_update(llm_cfg, aux_cfg, spec, aux_opt, aux_state, ref, sample_batch)
+    new_aux, aux_metrics = aux_step(aux_cfg, llm_cfg, aux_opt, spec.beta, aux_state, ref, sample_batch)
     metrics = {**{f"llm/{k}": v for k, v in llm_metrics.items()}, **{f"aux/{k}": v for k, v in aux_metrics.items()}}
     return new_llm, new_aux, metrics
 
@@ -151,16 +170,3 @@ def make_llm_step(llm_cfg, aux_cfg, spec: MethodSpec, llm_opt, aux_opt, mesh, fr
     return jax.jit(traced, in_shardings=(llm_sh, aux_sh.params, frozen_shardings(mesh, llm_cfg, frozen, rules),
                                          shd.tree_batch_shardings(mesh, corpus_example, rules)),
                    out_shardings=(llm_sh, shd.replicated(mesh)), donate_argnums=(0,))
-
-
-def make_aux_update(llm_cfg, aux_cfg, spec: MethodSpec, aux_opt, mesh, sample_example: dict, rules=None):
-    """`aux_update` jitted: fn(aux_state, ref_params, batch) -> (aux_state, metrics)."""
-
-    def traced(aux_state, ref_params, batch):
-        with shd.use_mesh(mesh, rules):
-            return aux_update(llm_cfg, aux_cfg, spec, aux_opt, aux_state, ref_params, batch)
-
-    aux_sh = aux_state_shardings(mesh, aux_cfg, aux_opt, rules)
-    ref_sh = shd.param_shardings(mesh, param_logical_axes(llm_cfg), abstract_params(llm_cfg), rules)
-    return jax.jit(traced, in_shardings=(aux_sh, ref_sh, shd.tree_batch_shardings(mesh, sample_example, rules)),
-                   out_shardings=(aux_sh, shd.replicated(mesh)), donate_argnums=(0,))

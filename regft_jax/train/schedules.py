@@ -37,7 +37,8 @@ from regft_jax.errors import UserInputError
 from regft_jax.models.aux import aux_config, init_aux_params
 from regft_jax.train.aux import aux_state_shardings
 from regft_jax.train.loop import NonFiniteLossError, global_batches
-from regft_jax.train.method import (Frozen, MethodSpec, make_aux_update, make_joint_step, make_llm_step)
+from regft_jax.train.aux import make_aux_step
+from regft_jax.train.method import Frozen, MethodSpec, make_joint_step, make_llm_step
 from regft_jax.train.steps import init_train_state, make_optimizer, train_state_shardings
 
 SCHEDULES = ("parallel", "sequential")
@@ -128,7 +129,11 @@ def run_method(config, mesh, corpus: Corpus, cfg, base_params, oracle, *, workdi
     if method.schedule not in SCHEDULES:
         raise UserInputError(f"config.method.schedule={method.schedule!r}: expected one of {SCHEDULES}")
     domains = corpus.domains
-    spec = MethodSpec.from_config(method, tuple(d == config.data.toxic_domain for d in domains))
+    batcher = MixtureBatcher(corpus.packed("train", config.data.seq_len), dict(method.proportions),
+                             method.batch_size, seed=config.seed + 7, domain_ids={d: i for i, d in enumerate(domains)},
+                             shuffle_slots=False)  # contiguous domain rows: extra forwards only where needed
+    spec = MethodSpec.from_config(method, tuple(d == config.data.toxic_domain for d in domains),
+                                  domain_rows=tuple(batcher.quotas.get(d, 0) for d in domains))
     steps_total = method.iterations * method.llm_steps
     llm_opt = make_optimizer(method.learning_rate, weight_decay=method.weight_decay, grad_clip=1.0,
                              warmup_steps=method.warmup_steps, total_steps=steps_total)
@@ -148,8 +153,6 @@ def run_method(config, mesh, corpus: Corpus, cfg, base_params, oracle, *, workdi
                         out_shardings=train_state_shardings(mesh, cfg, llm_opt))(base_params)
     frozen = Frozen(anchor=base_params if spec.needs_anchor else None,
                     snapshot=_copy(base_params) if spec.p_ref == "snapshot" else None)
-    batcher = MixtureBatcher(corpus.packed("train", config.data.seq_len), dict(method.proportions),
-                             method.batch_size, seed=config.seed + 7, domain_ids={d: i for i, d in enumerate(domains)})
     batches = global_batches(batcher, mesh, keys=("tokens", "loss_mask", "domain"))
     sample_batch = lambda s, k: s.batch(k, method.sample_batch_size)
     writer = MetricsWriter(workdir, desc)
@@ -189,7 +192,7 @@ def run_method(config, mesh, corpus: Corpus, cfg, base_params, oracle, *, workdi
                 label_wait += time.time() - t0
     else:
         llm_fn = make_llm_step(cfg, acfg, spec, llm_opt, aux_opt, mesh, frozen, batches(0))
-        aux_fn = make_aux_update(cfg, acfg, spec, aux_opt, mesh, sample_batch(samples, 0))
+        aux_fn = make_aux_step(acfg, cfg, aux_opt, spec.beta, mesh=mesh, batch_example=sample_batch(samples, 0))
         for it in range(1, method.iterations + 1):
             if it > 1:
                 t0 = time.time()

@@ -1,0 +1,139 @@
+"""The auxiliary model R_φ(h, v) = σ(z_φ(h)_v): a shallow decoder trunk plus a vocabulary-size head.
+
+    aux_cfg = aux_config(llm_cfg, num_layers=2)
+    aux_params = init_aux_params(aux_cfg, rng, mean_label=0.8, llm_params=llm_params)  # or fresh
+    z = aux_logits(aux_cfg, aux_params, tokens)                  # [b, s, vocab] float32 logits of R
+    out = sampling.generate(llm_cfg, llm_params, prompts, max_new_tokens=32,
+                            guidance=AuxGuidance(aux_cfg), guidance_params=aux_params)  # NADO decoding
+
+The trunk is the LLM's own decoder family (`core.module(...).hidden_states`) with k layers, either
+fresh or copied from the LLM's embeddings, first k layers and final norm. The head starts at zero
+weights and bias logit(mean label), so R starts constant (= the mean label) everywhere.
+Params: {"trunk": decoder params (no LM head), "head": {"kernel": [d, V], "bias": [V]}}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from regft_jax import sharding as shd
+from regft_jax.errors import UserInputError
+from regft_jax.models.config import ModelConfig
+from regft_jax.models.core import (abstract_params, default_positions, init_cache, init_params, module,
+                                   param_logical_axes)
+
+
+def aux_config(llm_cfg: ModelConfig, num_layers: int, **overrides) -> ModelConfig:
+    """The trunk's config: the LLM's architecture with `num_layers` layers (other fields may be
+    overridden, e.g. init_std or remat). Embeddings are marked tied so the trunk has no LM head of
+    its own (the aux head replaces it)."""
+    if num_layers < 1:
+        raise UserInputError(f"aux model: num_layers={num_layers} must be >= 1")
+    return dataclasses.replace(llm_cfg, **{**overrides, "num_layers": num_layers, "tie_embeddings": True})
+
+
+def _head_axes() -> dict:
+    return {"kernel": ("embed", "vocab"), "bias": ("vocab",)}
+
+
+def aux_logical_axes(aux_cfg: ModelConfig) -> dict:
+    """Logical axis names of every aux parameter (same tree as the params)."""
+    return {"trunk": param_logical_axes(aux_cfg), "head": _head_axes()}
+
+
+def aux_abstract_params(aux_cfg: ModelConfig) -> dict:
+    """Shapes and dtypes of the aux parameters, without allocating."""
+    dtype = jnp.dtype(aux_cfg.param_dtype)
+    d, v = aux_cfg.hidden_size, aux_cfg.vocab_size
+    return {"trunk": abstract_params(aux_cfg),
+            "head": {"kernel": jax.ShapeDtypeStruct((d, v), dtype), "bias": jax.ShapeDtypeStruct((v,), dtype)}}
+
+
+def init_aux_params(aux_cfg: ModelConfig, rng: jax.Array, *, mean_label: float,
+                    llm_params: Optional[dict] = None) -> dict:
+    """Aux parameters: trunk fresh (from `rng`) or copied from `llm_params` (embeddings, first k
+    layers, final norm; the copies own their buffers, so donating aux states leaves the LLM intact);
+    head kernel 0, bias logit(mean_label) → R(h, v) = mean_label everywhere at the start."""
+    if llm_params is None:
+        trunk = init_params(aux_cfg, rng)
+    else:
+        have = jax.tree.leaves(llm_params["layers"])[0].shape[0]
+        if aux_cfg.num_layers > have:
+            raise UserInputError(f"aux model: num_layers={aux_cfg.num_layers} but the LLM has only {have} layers")
+        k = aux_cfg.num_layers
+        trunk = {"embed": jnp.copy(llm_params["embed"]),
+                 "layers": jax.tree.map(lambda a: jnp.copy(a[:k]), llm_params["layers"]),
+                 "final_norm": jax.tree.map(jnp.copy, llm_params["final_norm"])}
+    p = min(max(float(mean_label), 1e-4), 1 - 1e-4)
+    dtype = jnp.dtype(aux_cfg.param_dtype)
+    head = {"kernel": jnp.zeros((aux_cfg.hidden_size, aux_cfg.vocab_size), dtype),
+            "bias": jnp.full((aux_cfg.vocab_size,), math.log(p / (1 - p)), dtype)}
+    return {"trunk": trunk, "head": head}
+
+
+def _mask(key_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
+    """[b, s, t]: a query at slot i attends key slot j iff j <= i and slot j holds a real token."""
+    keys = jnp.arange(key_valid.shape[-1])
+    return (keys[None, None, :] <= query_slots[:, :, None]) & key_valid[:, None, :].astype(bool)
+
+
+def _head(params: dict, h: jax.Array) -> jax.Array:
+    """z = h W + b in float32, [b, s, vocab]."""
+    head = params["head"]
+    z = jnp.einsum("bsd,dv->bsv", h, head["kernel"].astype(h.dtype), preferred_element_type=jnp.float32)
+    return shd.constrain(z + head["bias"].astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def aux_logits(aux_cfg: ModelConfig, aux_params: dict, tokens: jax.Array,
+               attention_mask: Optional[jax.Array] = None) -> jax.Array:
+    """z_φ(h) for every prefix: tokens [b, s] → [b, s, vocab] float32, slot t read tokens[:, :t+1].
+    attention_mask [b, s] (1 = real token) supports left padding, as in `core.forward`."""
+    b, s = tokens.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, s), jnp.int32)
+    mask = _mask(attention_mask, jnp.broadcast_to(jnp.arange(s), (b, s)))
+    h, _ = module(aux_cfg, aux_params["trunk"]).hidden_states(tokens, default_positions(attention_mask), mask)
+    return _head(aux_params, h)
+
+
+def aux_logits_cached(aux_cfg: ModelConfig, aux_params: dict, tokens: jax.Array, cache: dict,
+                      token_mask: Optional[jax.Array] = None, *, last_only: bool = False):
+    """Incremental z with the trunk's KV cache (`core.init_cache(aux_cfg, ...)`), exactly like
+    `core.forward_cached`: prefill a left-padded prompt, then one token per call.
+    Returns (z [b, s or 1, vocab] float32, updated cache)."""
+    b, s = tokens.shape
+    if token_mask is None:
+        token_mask = jnp.ones((b, s), jnp.int32)
+    index = cache["index"]
+    positions = cache["positions"][:, None] + default_positions(token_mask)
+    valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], token_mask.astype(bool), index, axis=1)
+    mask = _mask(valid, jnp.broadcast_to(index + jnp.arange(s), (b, s)))
+    h, cache = module(aux_cfg, aux_params["trunk"]).hidden_states(tokens, positions, mask, {**cache, "valid": valid})
+    z = _head(aux_params, h[:, -1:] if last_only else h)
+    cache["positions"] = cache["positions"] + token_mask.astype(jnp.int32).sum(-1)
+    cache["index"] = index + s
+    return z, cache
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxGuidance:
+    """NADO decoding as a sampler `Guidance`: adds log σ(z_φ(h)) of the last slot to the LLM's
+    logits, so the sampler draws from q(v|h) ∝ p(v|h) R_φ(h, v). Its state is the trunk's KV cache;
+    its params (`guidance_params`) are the aux params."""
+
+    cfg: ModelConfig
+
+    def init(self, params: Any, batch: int, max_len: int) -> dict:
+        cache = init_cache(self.cfg, batch, max_len)
+        for name in ("k", "v"):
+            cache[name] = shd.constrain(cache[name], ("layers", "batch", "kv_heads", "length", "head_dim"))
+        return cache
+
+    def __call__(self, params: Any, state: dict, tokens: jax.Array, token_mask: jax.Array):
+        z, state = aux_logits_cached(self.cfg, params, tokens, state, token_mask, last_only=True)
+        return jax.nn.log_sigmoid(z[:, -1]), state

@@ -1,0 +1,73 @@
+"""Training the auxiliary model on labeled samples: a pure step, jitted with shardings and donation.
+
+    optimizer = make_optimizer(1e-3)
+    state = init_train_state(init_aux_params(aux_cfg, rng, mean_label=0.7), optimizer)
+    step = make_aux_step(aux_cfg, llm_cfg, optimizer, beta=1.0, mesh=mesh, batch_example=batch)
+    state, metrics = step(state, ref_params, batch)
+
+batch: "tokens" [b, s] int32 (prompt + continuation, left-padded prompts allowed), "loss_mask" [b, s]
+(1 where tokens[:, t] is a generated token), "label" [b] float32 C(x) (NaN = unknown, masked),
+optional "weight" [b] (importance ratios p_ref/proposal, self-normalized) and "attention_mask" [b, s].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import optax
+
+from regft_jax import sharding as shd
+from regft_jax.losses import aux_loss
+from regft_jax.models import ModelConfig, abstract_params, forward, param_logical_axes
+from regft_jax.models.aux import aux_abstract_params, aux_logical_axes, aux_logits
+from regft_jax.train.steps import TrainState, guarded_update
+
+
+def aux_objective(aux_cfg: ModelConfig, aux_params: dict, batch: dict, ref_logits: jax.Array,
+                  beta: float) -> tuple[jax.Array, dict]:
+    """L_aux of `batch` given the reference LLM's logits on the same tokens ([b, s, V])."""
+    z = aux_logits(aux_cfg, aux_params, batch["tokens"], batch.get("attention_mask"))
+    return aux_loss(z, batch["tokens"], batch["label"], batch["loss_mask"], ref_logits, beta=beta,
+                    weights=batch.get("weight"))
+
+
+def aux_step(aux_cfg: ModelConfig, llm_cfg: ModelConfig, optimizer: optax.GradientTransformation, beta: float,
+             state: TrainState, ref_params: Any, batch: dict) -> tuple[TrainState, dict]:
+    """One optimizer step of the auxiliary model; p_ref = the frozen LLM `ref_params`."""
+    ref_logits = jax.lax.stop_gradient(
+        forward(llm_cfg, ref_params, batch["tokens"], attention_mask=batch.get("attention_mask")))
+    (loss, metrics), grads = jax.value_and_grad(aux_objective, argnums=1, has_aux=True)(
+        aux_cfg, state.params, batch, ref_logits, beta)
+    return guarded_update(state, optimizer, grads, loss, metrics)
+
+
+def aux_state_shardings(mesh, aux_cfg: ModelConfig, optimizer, rules=None) -> TrainState:
+    """Shardings of the aux TrainState (optimizer moments follow their parameters)."""
+    abstract = aux_abstract_params(aux_cfg)
+    params = shd.param_shardings(mesh, aux_logical_axes(aux_cfg), abstract, rules)
+    return TrainState(step=shd.replicated(mesh), params=params,
+                      opt_state=shd.opt_state_shardings(optimizer, abstract, params, mesh))
+
+
+def make_aux_step(aux_cfg: ModelConfig, llm_cfg: ModelConfig, optimizer, beta: float, *, mesh=None,
+                  batch_example: Optional[dict] = None, rules=None, donate: bool = True):
+    """`aux_step` jitted as fn(state, ref_params, batch) -> (state, metrics), the state donated.
+    With a mesh: explicit shardings (state per `aux_state_shardings`, ref params per the LLM's
+    logical axes, batch over the data axes; `batch_example` gives the batch's keys and ranks)."""
+    step = functools.partial(aux_step, aux_cfg, llm_cfg, optimizer, beta)
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+
+    def traced(state, ref_params, batch):
+        with shd.use_mesh(mesh, rules):
+            return step(state, ref_params, batch)
+
+    state_sh = aux_state_shardings(mesh, aux_cfg, optimizer, rules)
+    ref_sh = shd.param_shardings(mesh, param_logical_axes(llm_cfg), abstract_params(llm_cfg), rules)
+    batch_sh = shd.tree_batch_shardings(mesh, batch_example, rules)
+    return jax.jit(traced, in_shardings=(state_sh, ref_sh, batch_sh),
+                   out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=donate_argnums)
