@@ -30,8 +30,8 @@ EXTRAS = {
     # The embedded offline default (tiny model on a local corpus with an offline oracle).
     "demo": DEMO,
     # torch provides the HF PyTorch reference the tests compare against; the tests also run
-    # the offline oracle.
-    "test": ["torch==2.13.0", "pytest"] + DEMO,
+    # the offline oracle. tensorboard's reader checks the dependency-free event writer.
+    "test": ["torch==2.13.0", "pytest", "tensorboard==2.21.0"] + DEMO,
 }
 
 setup(

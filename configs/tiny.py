@@ -57,9 +57,13 @@ def get_config() -> ml_collections.ConfigDict:
         "learning_rate": 1e-3, "aux_learning_rate": 1e-3, "weight_decay": 0.0, "warmup_steps": 10,
         "iterations": 6, "llm_steps": 40, "aux_steps": 40,  # aux_steps: sequential schedule only
         "batch_size": 16, "proportions": {"general": 0.6, "toxic": 0.4},
+        "accum_steps": 1,  # gradient accumulation: microbatches per step (divides every domain's rows)
         "sample_domains": ("toxic",), "samples_per_iteration": 256, "sample_batch_size": 8,
         "sample_tokens": 32, "sample_temperature": 1.0, "sample_top_p": 1.0,
-        "label_text": "continuation"})  # what the oracle labels: continuation | full (prompt + continuation)
+        "label_text": "continuation",  # what the oracle labels: continuation | full (prompt + continuation)
+        # Checkpoints of both models + schedule state every N LLM steps (0: none) under
+        # <workdir>/checkpoints/ours; a run started again in the same workdir resumes from the latest.
+        "checkpoint_every": 40, "resume": True})
 
     # Evaluation: continue held-out prompts, score continuations with the oracle.
     c.eval = ml_collections.ConfigDict({

@@ -1,8 +1,11 @@
-"""Orbax checkpoints of model parameters (+ the ModelConfig as JSON beside them).
+"""Orbax checkpoints: model parameters (+ the ModelConfig as JSON beside them), and training runs.
 
 Layout of a model checkpoint directory CKPT:
     CKPT/model_config.json   the ModelConfig (architecture and numerics)
     CKPT/params/             orbax PyTree checkpoint of the parameters
+A run checkpoint directory (`RunCheckpointer`) holds one orbax step directory per saved step,
+each with `state/` (a pytree of arrays: train states, sample buffers) and `meta/` (JSON:
+schedule position, metric history, a fingerprint of the config that produced it).
 Restoring places every array directly onto its target sharding.
 """
 
@@ -10,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
 from regft_jax import sharding as shd
+from regft_jax.errors import UserInputError
 from regft_jax.models import ModelConfig, abstract_params, param_logical_axes
 
 CONFIG_FILE = "model_config.json"
@@ -56,3 +60,49 @@ def load_model(path: str, *, mesh=None, rules=None, **runtime) -> tuple[ModelCon
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(path, PARAMS_DIR), target)
     return cfg, params
+
+
+class RunCheckpointer:
+    """Save/restore a training run: `state` (any pytree of jax/numpy arrays) + `meta` (JSON-able).
+
+        ckpt = RunCheckpointer(dir, fingerprint=hash_of_config)
+        step = ckpt.latest_step()                    # None: nothing saved yet
+        meta = ckpt.restore_meta(step)
+        state = ckpt.restore_state(step, target)     # target: a pytree like the saved one
+        ckpt.save(step, state, meta)                 # asynchronous write; keeps the last 2
+
+    Saving copies device arrays to the host before returning, so the caller may donate them
+    afterwards. A checkpoint written under another fingerprint is refused with an error.
+    """
+
+    def __init__(self, directory: str, *, fingerprint: str, max_to_keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        self.fingerprint = fingerprint
+        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"),
+                                             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "fingerprint": self.fingerprint})))
+
+    def restore_meta(self, step: int) -> dict:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if meta.get("fingerprint") != self.fingerprint:
+            raise UserInputError(
+                f"{self.directory}/{step}: checkpoint of a run with a different config; resume with the "
+                f"config that wrote it, use another --workdir, or set --config.method.resume=False")
+        return meta
+
+    def restore_state(self, step: int, target: Any) -> Any:
+        """Arrays restored onto the shardings of `target`'s jax.Array leaves (numpy leaves: host)."""
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x,
+            target)
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -143,7 +143,7 @@ def run_detox(config, workdir: str) -> dict:
                              seed=config.seed + 7)
     models["sft"], _ = train_lm(cfg, base, mesh, batcher, ml_collections.ConfigDict(
         {"learning_rate": m.learning_rate, "weight_decay": m.weight_decay, "grad_clip": 1.0,
-         "warmup_steps": m.warmup_steps}), steps=steps, desc="sft")
+         "warmup_steps": m.warmup_steps, "accum_steps": m.accum_steps}), steps=steps, desc="sft")
     timings["sft"] = time.time() - start
     print(f"sft: {steps} steps in {timings['sft']:.0f}s")
 
@@ -172,8 +172,17 @@ def run_detox(config, workdir: str) -> dict:
 STAGES = {"base": run_base, "detox": run_detox, "smoke": run_smoke}
 
 
+def _quiet_checkpointing_logs() -> None:
+    """Orbax logs every save at INFO through absl; keep its warnings, drop the chatter."""
+    import logging as pylogging
+
+    pylogging.getLogger("absl").addFilter(
+        lambda r: r.levelno >= pylogging.WARNING or "/orbax/" not in r.pathname.replace("\\", "/"))
+
+
 def main(argv) -> None:
     del argv
+    _quiet_checkpointing_logs()
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config=configs/<name>.py is required")

@@ -17,13 +17,14 @@ import functools
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from regft_jax import sharding as shd
 from regft_jax.losses import aux_loss
 from regft_jax.models import ModelConfig, abstract_params, forward, param_logical_axes
 from regft_jax.models.aux import aux_abstract_params, aux_logical_axes, aux_logits
-from regft_jax.train.steps import TrainState, guarded_update
+from regft_jax.train.steps import TrainState, accumulated_value_and_grad, guarded_update
 
 
 def aux_objective(aux_cfg: ModelConfig, aux_params: dict, batch: dict, ref_logits: jax.Array,
@@ -34,13 +35,25 @@ def aux_objective(aux_cfg: ModelConfig, aux_params: dict, batch: dict, ref_logit
                     weights=batch.get("weight"))
 
 
+def aux_target_weight(batch: dict) -> jax.Array:
+    """The normalizer of `aux_loss` on `batch`: Σ_i w m_i over target slots of rows with a known label."""
+    valid = jnp.isfinite(batch["label"])
+    w = jnp.where(valid, batch["weight"] if "weight" in batch else 1.0, 0.0).astype(jnp.float32)
+    return (batch["loss_mask"][:, 1:].astype(jnp.float32) * w[:, None]).sum()
+
+
 def aux_step(aux_cfg: ModelConfig, llm_cfg: ModelConfig, optimizer: optax.GradientTransformation, beta: float,
-             state: TrainState, ref_params: Any, batch: dict) -> tuple[TrainState, dict]:
-    """One optimizer step of the auxiliary model; p_ref = the frozen LLM `ref_params`."""
-    ref_logits = jax.lax.stop_gradient(
-        forward(llm_cfg, ref_params, batch["tokens"], attention_mask=batch.get("attention_mask")))
-    (loss, metrics), grads = jax.value_and_grad(aux_objective, argnums=1, has_aux=True)(
-        aux_cfg, state.params, batch, ref_logits, beta)
+             state: TrainState, ref_params: Any, batch: dict, accum_steps: int = 1) -> tuple[TrainState, dict]:
+    """One optimizer step of the auxiliary model; p_ref = the frozen LLM `ref_params`. The gradient is
+    accumulated over `accum_steps` microbatches (exact: see `aux_target_weight`)."""
+
+    def objective(params, batch):
+        ref_logits = jax.lax.stop_gradient(
+            forward(llm_cfg, ref_params, batch["tokens"], attention_mask=batch.get("attention_mask")))
+        return aux_objective(aux_cfg, params, batch, ref_logits, beta)
+
+    (loss, metrics), grads = accumulated_value_and_grad(objective, state.params, batch, accum_steps,
+                                                        aux_target_weight)
     return guarded_update(state, optimizer, grads, loss, metrics)
 
 
@@ -53,11 +66,11 @@ def aux_state_shardings(mesh, aux_cfg: ModelConfig, optimizer, rules=None) -> Tr
 
 
 def make_aux_step(aux_cfg: ModelConfig, llm_cfg: ModelConfig, optimizer, beta: float, *, mesh=None,
-                  batch_example: Optional[dict] = None, rules=None, donate: bool = True):
+                  batch_example: Optional[dict] = None, rules=None, donate: bool = True, accum_steps: int = 1):
     """`aux_step` jitted as fn(state, ref_params, batch) -> (state, metrics), the state donated.
     With a mesh: explicit shardings (state per `aux_state_shardings`, ref params per the LLM's
     logical axes, batch over the data axes; `batch_example` gives the batch's keys and ranks)."""
-    step = functools.partial(aux_step, aux_cfg, llm_cfg, optimizer, beta)
+    step = functools.partial(aux_step, aux_cfg, llm_cfg, optimizer, beta, accum_steps=accum_steps)
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(step, donate_argnums=donate_argnums)

@@ -36,7 +36,8 @@ def train_lm(cfg, params, mesh, batcher: MixtureBatcher, optim, *, steps: int, d
     state_sh = train_state_shardings(mesh, cfg, optimizer)
     state = jax.jit(functools.partial(init_train_state, optimizer=optimizer), out_shardings=state_sh)(params)
     batches = global_batches(batcher, mesh)
-    step = jit_sharded(functools.partial(sft_step, cfg, optimizer), mesh, state_sh, batches(0))
+    step = jit_sharded(functools.partial(sft_step, cfg, optimizer, accum_steps=optim.get("accum_steps", 1)), mesh,
+                       state_sh, batches(0))
     state, history = run_steps(step, state, batches, steps=steps, desc=desc)
     return state.params, history
 

@@ -28,7 +28,8 @@ from regft_jax.losses import ANCHOR, CLOSED_FORM, domain_regularizers, regulariz
 from regft_jax.models import ModelConfig, abstract_params, forward, param_logical_axes
 from regft_jax.models.aux import aux_logits
 from regft_jax.train.aux import aux_state_shardings, aux_step
-from regft_jax.train.steps import TrainState, guarded_update, train_state_shardings
+from regft_jax.train.steps import (TrainState, accumulated_value_and_grad, guarded_update, target_count,
+                                   train_state_shardings)
 
 P_REF = ("current", "snapshot")
 
@@ -47,6 +48,8 @@ class MethodSpec:
     ranges in id order (`MixtureBatcher(shuffle_slots=False)`); then the extra forwards (the
     anchor for Ω_keep, the auxiliary model and a snapshot for Ω_tox) run only on the rows that
     need them. None: on every row.
+    accum_steps: microbatches per step (`accumulated_value_and_grad`, strided rows), for the LLM's
+    and, in `joint_step`, the auxiliary model's update; it must divide every domain's row count.
     """
 
     kinds: tuple[str, ...]
@@ -54,6 +57,18 @@ class MethodSpec:
     p_ref: str = "current"
     beta: float = 1.0
     domain_rows: Optional[tuple[int, ...]] = None
+    accum_steps: int = 1
+
+    def __post_init__(self):
+        if self.accum_steps < 1 or any(n % self.accum_steps for n in self.domain_rows or ()):
+            raise UserInputError(f"config.method.accum_steps={self.accum_steps}: must be ≥ 1 and divide the "
+                                 f"rows of every domain in a batch {self.domain_rows}")
+
+    @property
+    def microbatch(self) -> "MethodSpec":
+        """The spec of one of the `accum_steps` microbatches (rows j::accum_steps of a batch)."""
+        rows = None if self.domain_rows is None else tuple(n // self.accum_steps for n in self.domain_rows)
+        return dataclasses.replace(self, domain_rows=rows, accum_steps=1)
 
     @classmethod
     def from_config(cls, method, toxic: tuple[bool, ...], domain_rows=None) -> "MethodSpec":
@@ -61,7 +76,8 @@ class MethodSpec:
             raise UserInputError(f"config.method.p_ref={method.p_ref!r}: expected one of {P_REF}")
         kinds, lambdas = domain_regularizers(method.adaptive, toxic, method.lambda_toxic, method.lambda_keep)
         return cls(kinds, tuple(float(x) for x in lambdas), method.p_ref, float(method.beta),
-                   None if domain_rows is None else tuple(int(n) for n in domain_rows))
+                   None if domain_rows is None else tuple(int(n) for n in domain_rows),
+                   int(method.get("accum_steps", 1)))
 
     def rows(self, kind: str, batch: int) -> tuple[int, int]:
         """The (static) row range covering every row whose domain uses regularizer `kind`."""
@@ -110,9 +126,11 @@ def llm_objective(llm_cfg: ModelConfig, aux_cfg: ModelConfig, spec: MethodSpec, 
 
 def llm_step(llm_cfg, aux_cfg, spec: MethodSpec, optimizer, state: TrainState, aux_params, frozen: Frozen,
              batch: dict):
-    """One guarded optimizer step of the LLM on L(θ) with the auxiliary model `aux_params` fixed."""
-    (loss, metrics), grads = jax.value_and_grad(llm_objective, argnums=3, has_aux=True)(
-        llm_cfg, aux_cfg, spec, state.params, aux_params, frozen, batch)
+    """One guarded optimizer step of the LLM on L(θ) with the auxiliary model `aux_params` fixed, its
+    gradient accumulated over `spec.accum_steps` microbatches (exact: L is a ratio over `target_count`)."""
+    objective = lambda params, mb: llm_objective(llm_cfg, aux_cfg, spec.microbatch, params, aux_params, frozen, mb)
+    (loss, metrics), grads = accumulated_value_and_grad(objective, state.params, batch, spec.accum_steps,
+                                                        target_count, key="config.method.accum_steps")
     return guarded_update(state, optimizer, grads, loss, metrics)
 
 
@@ -123,7 +141,8 @@ def joint_step(llm_cfg, aux_cfg, spec: MethodSpec, llm_opt, aux_opt, llm_state: 
     ref = frozen.snapshot if spec.p_ref == "snapshot" else llm_state.params
     new_llm, llm_metrics = llm_step(llm_cfg, aux_cfg, spec, llm_opt, llm_state, aux_state.params, frozen,
                                     corpus_batch)
-    new_aux, aux_metrics = aux_step(aux_cfg, llm_cfg, aux_opt, spec.beta, aux_state, ref, sample_batch)
+    new_aux, aux_metrics = aux_step(aux_cfg, llm_cfg, aux_opt, spec.beta, aux_state, ref, sample_batch,
+                                    spec.accum_steps)
     metrics = {**{f"llm/{k}": v for k, v in llm_metrics.items()}, **{f"aux/{k}": v for k, v in aux_metrics.items()}}
     return new_llm, new_aux, metrics
 

@@ -20,6 +20,7 @@ import optax
 from flax import struct
 
 from regft_jax import sharding as shd
+from regft_jax.errors import UserInputError
 from regft_jax.losses import lm_loss
 from regft_jax.models import ModelConfig, abstract_params, forward, param_logical_axes
 
@@ -78,11 +79,52 @@ def guarded_update(state: TrainState, optimizer: optax.GradientTransformation, g
     return new, {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32)}
 
 
+COUNT_METRICS = ("tokens", "aux_tokens")  # summed over microbatches; every other metric is weighted
+
+
+def target_count(batch: dict) -> jax.Array:
+    """The normalizer of `lm_loss` on a packed batch: the number of counted targets Σ loss_mask[:, 1:]."""
+    return batch["loss_mask"][:, 1:].astype(jnp.float32).sum()
+
+
+def accumulated_value_and_grad(objective: Callable, params: Any, batch: dict, accum_steps: int,
+                               weight_fn: Callable, key: str = "accum_steps"):
+    """`jax.value_and_grad(objective, has_aux=True)(params, batch)` in `accum_steps` microbatches.
+
+    Microbatch j holds the strided rows j::accum_steps of every batch array (so rows of a domain
+    that are contiguous in the batch stay contiguous, and each data shard splits locally); a
+    `lax.scan` runs them one at a time. With w_j = weight_fn(microbatch j), the normalizer of a
+    ratio loss Σ(...)/w, the result is exact: loss = Σ w_j L_j / Σ w_j, grads likewise. Metrics:
+    `COUNT_METRICS` are summed, the others weighted by w_j (exact for ratios over w, a weighted
+    mean of per-microbatch ratios otherwise). accum_steps == 1 is the plain call."""
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    if accum_steps == 1:
+        return grad_fn(params, batch)
+    rows = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if accum_steps < 1 or any(n % accum_steps for n in rows):
+        raise UserInputError(f"{key}={accum_steps}: must be ≥ 1 and divide the batch size {sorted(rows)}")
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1), batch)
+
+    def weighted(mb):
+        (loss, metrics), grads = grad_fn(params, mb)
+        w = weight_fn(mb).astype(jnp.float32)
+        metrics = {k: v if k in COUNT_METRICS else w * v for k, v in metrics.items()}
+        return w, w * loss, metrics, jax.tree.map(lambda g: w * g.astype(jnp.float32), grads)
+
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                         jax.eval_shape(weighted, jax.tree.map(lambda x: x[0], micro)))
+    (w, loss, metrics, grads), _ = jax.lax.scan(lambda acc, mb: (jax.tree.map(jnp.add, acc, weighted(mb)), None),
+                                                zeros, micro)
+    w = jnp.where(w > 0, w, 1.0)  # no counted target anywhere: every term is 0, like the plain loss
+    metrics = {k: v if k in COUNT_METRICS else v / w for k, v in metrics.items()}
+    return (loss / w, metrics), jax.tree.map(lambda g, p: (g / w).astype(p.dtype), grads, params)
+
+
 def sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState,
-             batch: dict) -> tuple[TrainState, dict]:
-    """One AdamW step on the LM loss."""
-    (loss, metrics), grads = jax.value_and_grad(functools.partial(sft_loss, cfg), has_aux=True)(
-        state.params, batch)
+             batch: dict, accum_steps: int = 1) -> tuple[TrainState, dict]:
+    """One AdamW step on the LM loss (its gradient accumulated over `accum_steps` microbatches)."""
+    (loss, metrics), grads = accumulated_value_and_grad(functools.partial(sft_loss, cfg), state.params, batch,
+                                                        accum_steps, target_count)
     return guarded_update(state, optimizer, grads, loss, metrics)
 
 

@@ -1,0 +1,106 @@
+"""The sequential and parallel drivers end to end on a tiny corpus: they train, log, checkpoint,
+and a run interrupted mid-iteration and resumed ends with bitwise the same parameters as an
+uninterrupted one. Also the `detox` stage of the entry point (base vs SFT vs ours)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from regft_jax import models, sharding
+from regft_jax.data.pipeline import build_corpus
+from regft_jax.errors import UserInputError
+from regft_jax.oracles import make_oracle
+from regft_jax.train.schedules import run_method
+from tests.test_pipeline import REPO, _data_config, _fixture
+
+CFG = models.ModelConfig(family="llama", vocab_size=300, hidden_size=32, num_layers=2, num_heads=2,
+                         num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64)
+
+
+def _config(tmp_path, tok, **method):
+    config = tiny.get_config()
+    config.data = _data_config(tmp_path, tok)
+    config.method.update({"iterations": 3, "llm_steps": 4, "aux_steps": 2, "batch_size": 8,
+                          "proportions": {"general": 0.5, "toxic": 0.5}, "samples_per_iteration": 8,
+                          "sample_batch_size": 4, "sample_tokens": 6, "checkpoint_every": 3, **method})
+    return config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("corpus")
+    tok = _fixture(tmp)
+    corpus = build_corpus(_data_config(tmp, tok), seed=0)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:2])
+    base = models.init_params(CFG, jax.random.key(0))
+    return tmp, tok, corpus, mesh, base, make_oracle("regex", words=["idiot"])
+
+
+def _assert_bitwise(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("schedule,p_ref", [("parallel", "current"), ("parallel", "snapshot"),
+                                            ("sequential", "current")])
+def test_resume_mid_iteration_equals_uninterrupted_run(setup, tmp_path, schedule, p_ref):
+    tmp, tok, corpus, mesh, base, oracle = setup
+    config = _config(tmp, tok, schedule=schedule, p_ref=p_ref)
+    run = lambda workdir, **kw: run_method(config, mesh, corpus, CFG, base, oracle, workdir=str(workdir), **kw)
+    llm, aux, _, history = run(tmp_path / "full")
+    assert len(history) == 12 and all(np.isfinite(h["llm/loss"]) for h in history)
+    assert {"llm/lm_loss", "llm/reg_loss", "tokens_per_s", "iteration", "sample_lag"} <= set(history[-1])
+    if schedule == "parallel":
+        assert {"aux/aux_loss", "aux/mean_R"} <= set(history[-1]) and history[-1]["sample_lag"] == 1
+    assert any(np.any(np.asarray(x) != np.asarray(y)) for x, y in zip(jax.tree.leaves(llm), jax.tree.leaves(base)))
+
+    # Preempted after step 5: the latest checkpoint is step 3 (mid-iteration 1); the resume redoes 4-5.
+    assert run(tmp_path / "cut", stop_after=5) is None
+    assert sorted(os.listdir(tmp_path / "cut" / "checkpoints" / "ours")) == ["3"]
+    llm2, aux2, _, history2 = run(tmp_path / "cut")
+    _assert_bitwise(llm2, llm)
+    _assert_bitwise(aux2, aux)
+    assert [h["llm/loss"] for h in history2] == [h["llm/loss"] for h in history]
+    lines = (tmp_path / "cut" / "metrics_ours.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 13))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "cut" / "tb" / "ours"))
+
+    # A finished run resumes at its end; a changed config refuses the checkpoint.
+    _assert_bitwise(run(tmp_path / "cut")[0], llm)
+    config.method.lambda_toxic = 3.0
+    with pytest.raises(UserInputError, match="different config"):
+        run(tmp_path / "cut")
+
+
+def test_detox_stage_end_to_end(tmp_path):
+    tok = _fixture(tmp_path)
+    files = f"general:{tmp_path / 'general.jsonl'},toxic:{tmp_path / 'toxic.jsonl'}:insult"
+    args = [sys.executable, "-m", "regft_jax.main", "--config=configs/tiny.py", "--config.stage=detox",
+            "--config.data.source=files", f"--config.data.tokenizer={tok}", f"--config.data.files={files}",
+            "--config.data.seq_len=32", f"--config.data.cache_dir={tmp_path / 'cache'}",
+            "--config.data.num_prompts.toxic=10", "--config.data.num_prompts.general=5",
+            "--config.data.prompt_words=2", "--config.model.arch.num_layers=2", "--config.model.arch.hidden_size=32",
+            "--config.model.arch.head_dim=8", "--config.model.arch.mlp_dim=64", "--config.base.steps=20",
+            "--config.base.batch_size=8", "--config.method.iterations=2", "--config.method.llm_steps=3",
+            "--config.method.batch_size=8", "--config.method.samples_per_iteration=8",
+            "--config.method.sample_batch_size=4", "--config.method.sample_tokens=6",
+            "--config.eval.max_new_tokens=8", "--config.eval.oracle=regex",
+            "--config.eval.oracle_args={'words': ['idiot']}", f"--workdir={tmp_path / 'run'}"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results) == {"base", "sft", "ours"}
+    for r in results.values():
+        assert 0 <= r["toxicity"] <= 1 and r["ppl_general"] > 1
+    models_seen = [json.loads(line)["model"] for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert models_seen.count("ours") == 15 and set(models_seen) == {"base", "sft", "ours"}
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics_ours.jsonl").read_text().splitlines()]
+    assert len(history) == 6 and "llm/reg_loss" in history[0]
+    assert "ours (parallel" in out.stdout and str(tmp_path / "run") in out.stdout
