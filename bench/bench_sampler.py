@@ -18,6 +18,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import report  # noqa: E402
+
 
 def _hf_model(vocab, width, layers, heads, mlp):
     import torch
@@ -100,15 +103,7 @@ def main(argv=None):
     lines = ["| batch | mode | regft_jax tokens/s | HF generate tokens/s | speed-up |", "|---:|---|---:|---:|---:|"]
     lines += [f"| {bs} | {m} | {a:,.0f} | {b:,.0f} | {r:.1f}x |" for bs, m, a, b, r in rows]
     table = "\n".join(lines)
-    print(header)
-    print(table)
-    if args.write:
-        cmd = "python bench/bench_sampler.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        with open(path, "a") as f:
-            f.write(f"\n## Sampler vs HF generate ({time.strftime('%Y-%m-%d')})\n\n`{cmd.strip()}`\n\n"
-                    f"{header}\n\n{table}\n")
-
+    report("Sampler vs HF generate", "bench_sampler.py", argv, header, table, args.write)
 
 if __name__ == "__main__":
     main()

@@ -12,4 +12,5 @@ def get_config() -> ml_collections.ConfigDict:
     c = llama.get_config()
     c.workdir = "runs/falcon"
     c.model.path = "/models/falcon-7b"
+    c.data.tokenizer = c.model.path
     return c

@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
         "schedule": "parallel",  # parallel (one joint step) | sequential
         "adaptive": True,  # toxic domain: KL(q || p_theta); general domain: KL(p_base || p_theta)
         "p_ref": "current",  # current (stop-gradient, no extra forward) | snapshot (frozen copy per iteration)
-        "lambda_toxic": 2.0, "lambda_keep": 1.0, "beta": 1.0,
+        "lambda_toxic": 4.0, "lambda_keep": 1.0, "beta": 1.0,
         "aux_layers": 1, "aux_init": "llm",  # auxiliary model: depth; trunk from the LLM's first layers | fresh
         "learning_rate": 1e-3, "aux_learning_rate": 1e-3, "weight_decay": 0.0, "warmup_steps": 10,
         "iterations": 6, "llm_steps": 40, "aux_steps": 40,  # aux_steps: sequential schedule only

@@ -36,6 +36,18 @@ def _validate(config) -> None:
     require(config, "train.steps", config.train.steps >= 1, "an integer >= 1")
     require(config, "train.batch_size", config.train.batch_size >= 1, "an integer >= 1")
     require(config, "train.seq_len", config.train.seq_len >= 2, "an integer >= 2")
+    if config.stage == "detox":  # fail before minutes of pretraining, not after
+        from regft_jax.train.method import P_REF
+        from regft_jax.train.schedules import SCHEDULES
+
+        m = config.method
+        require(config, "method.schedule", m.schedule in SCHEDULES, f"one of {SCHEDULES}")
+        require(config, "method.p_ref", m.p_ref in P_REF, f"one of {P_REF}")
+        require(config, "method.aux_init", m.aux_init in ("llm", "fresh"), "'llm' or 'fresh'")
+        require(config, "method.label_text", m.label_text in ("continuation", "full"), "'continuation' or 'full'")
+        for key in ("iterations", "llm_steps", "batch_size", "samples_per_iteration", "sample_batch_size",
+                    "sample_tokens", "aux_layers", "accum_steps"):
+            require(config, f"method.{key}", m[key] >= 1, "an integer >= 1")
 
 
 def run_smoke(config, workdir: str) -> dict:
@@ -89,12 +101,12 @@ def _write_jsonl(path: str, records) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def run_base(config, workdir: str) -> dict:
+def _prepare(config):
+    """The mesh, the corpus, the base model and the oracle every stage after `smoke` starts from."""
     import jax
 
     from regft_jax import sharding
     from regft_jax.data.pipeline import build_corpus
-    from regft_jax.eval import evaluate_model, results_table
     from regft_jax.oracles import make_oracle
     from regft_jax.train.base_model import base_model
 
@@ -102,8 +114,17 @@ def run_base(config, workdir: str) -> dict:
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
     corpus = build_corpus(config.data, seed=config.seed)
     print(f"corpus: {corpus.summary()}; tokenizer vocab {corpus.tokenizer.vocab_size}")
-    cfg, params, info = base_model(config, mesh, corpus)
+    cfg, params, _ = base_model(config, mesh, corpus)
     oracle = make_oracle(config.eval.oracle, **config.eval.oracle_args.to_dict())
+    return mesh, corpus, cfg, params, oracle
+
+
+def run_base(config, workdir: str) -> dict:
+    import jax
+
+    from regft_jax.eval import evaluate_model, results_table
+
+    mesh, corpus, cfg, params, oracle = _prepare(config)
     start = time.time()
     metrics, records = evaluate_model("base", cfg, params, corpus, oracle, config.eval, seq_len=config.data.seq_len,
                                       mesh=mesh, seed=config.seed)
@@ -119,21 +140,13 @@ def run_base(config, workdir: str) -> dict:
 def run_detox(config, workdir: str) -> dict:
     import jax
 
-    from regft_jax import sharding
     from regft_jax.data.batching import MixtureBatcher
-    from regft_jax.data.pipeline import build_corpus
     from regft_jax.eval import evaluate_model, results_table
-    from regft_jax.oracles import make_oracle
-    from regft_jax.train.base_model import base_model, train_lm
+    from regft_jax.train.base_model import train_lm
     from regft_jax.train.loop import summarize
     from regft_jax.train.schedules import run_method
 
-    mesh = sharding.make_mesh(dict(config.mesh))
-    print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
-    corpus = build_corpus(config.data, seed=config.seed)
-    print(f"corpus: {corpus.summary()}; tokenizer vocab {corpus.tokenizer.vocab_size}")
-    cfg, base, _ = base_model(config, mesh, corpus)
-    oracle = make_oracle(config.eval.oracle, **config.eval.oracle_args.to_dict())
+    mesh, corpus, cfg, base, oracle = _prepare(config)
     m = config.method
     steps = m.iterations * m.llm_steps
     models, timings = {"base": base}, {}

@@ -18,7 +18,6 @@ and the returned log-probs are those of the chosen token under that processed di
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Optional, Protocol, Sequence
 

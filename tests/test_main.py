@@ -26,13 +26,15 @@ def test_smoke_stage_trains_and_writes_results(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["stage"] == "smoke"
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("--config.train.steps=0", "train.steps"),
-    ("--config.mesh.tensor=3", "mesh"),
-    ("--config.model.arch.family=gpt2", "gpt2"),
+@pytest.mark.parametrize("stage, override, needle", [
+    ("smoke", "--config.train.steps=0", "train.steps"),
+    ("smoke", "--config.mesh.tensor=3", "mesh"),
+    ("smoke", "--config.model.arch.family=gpt2", "gpt2"),
+    ("detox", "--config.method.p_ref=latest", "config.method.p_ref='latest': expected one of"),
+    ("detox", "--config.method.schedule=async", "config.method.schedule"),
 ])
-def test_bad_config_value_is_one_clear_line(tmp_path, override, needle):
-    out = _main("--config.stage=smoke", override, f"--workdir={tmp_path}", timeout=120)
+def test_bad_config_value_is_one_clear_line(tmp_path, stage, override, needle):
+    out = _main(f"--config.stage={stage}", override, f"--workdir={tmp_path}", timeout=120)
     assert out.returncode == 2
     err_lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
     assert len(err_lines) == 1 and needle in err_lines[0], out.stderr[-2000:]

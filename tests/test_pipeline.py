@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from regft_jax import models
-from regft_jax.data import Example, train_bpe_tokenizer
+from regft_jax.data import train_bpe_tokenizer
 from regft_jax.data.pipeline import build_corpus
 from regft_jax.eval import perplexity, toxicity_eval
 from regft_jax.oracles import make_oracle

@@ -6,7 +6,7 @@
     out = sampling.generate(llm_cfg, llm_params, prompts, max_new_tokens=32,
                             guidance=AuxGuidance(aux_cfg), guidance_params=aux_params)  # NADO decoding
 
-The trunk is the LLM's own decoder family (`core.module(...).hidden_states`) with k layers, either
+The trunk is the LLM's own decoder family (`core.hidden_states`) with k layers, either
 fresh or copied from the LLM's embeddings, first k layers and final norm. The head starts at zero
 weights and bias logit(mean label), so R starts constant (= the mean label) everywhere.
 Params: {"trunk": decoder params (no LM head), "head": {"kernel": [d, V], "bias": [V]}}.
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from regft_jax import sharding as shd
 from regft_jax.errors import UserInputError
 from regft_jax.models.config import ModelConfig
-from regft_jax.models.core import (abstract_params, default_positions, init_cache, init_params, module,
+from regft_jax.models.core import (abstract_params, hidden_states, hidden_states_cached, init_cache, init_params,
                                    param_logical_axes)
 
 
@@ -76,12 +76,6 @@ def init_aux_params(aux_cfg: ModelConfig, rng: jax.Array, *, mean_label: float,
     return {"trunk": trunk, "head": head}
 
 
-def _mask(key_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
-    """[b, s, t]: a query at slot i attends key slot j iff j <= i and slot j holds a real token."""
-    keys = jnp.arange(key_valid.shape[-1])
-    return (keys[None, None, :] <= query_slots[:, :, None]) & key_valid[:, None, :].astype(bool)
-
-
 def _head(params: dict, h: jax.Array) -> jax.Array:
     """z = h W + b in float32, [b, s, vocab]."""
     head = params["head"]
@@ -93,11 +87,7 @@ def aux_logits(aux_cfg: ModelConfig, aux_params: dict, tokens: jax.Array,
                attention_mask: Optional[jax.Array] = None) -> jax.Array:
     """z_φ(h) for every prefix: tokens [b, s] → [b, s, vocab] float32, slot t read tokens[:, :t+1].
     attention_mask [b, s] (1 = real token) supports left padding, as in `core.forward`."""
-    b, s = tokens.shape
-    if attention_mask is None:
-        attention_mask = jnp.ones((b, s), jnp.int32)
-    mask = _mask(attention_mask, jnp.broadcast_to(jnp.arange(s), (b, s)))
-    h, _ = module(aux_cfg, aux_params["trunk"]).hidden_states(tokens, default_positions(attention_mask), mask)
+    h, _ = hidden_states(aux_cfg, aux_params["trunk"], tokens, attention_mask=attention_mask)
     return _head(aux_params, h)
 
 
@@ -106,18 +96,8 @@ def aux_logits_cached(aux_cfg: ModelConfig, aux_params: dict, tokens: jax.Array,
     """Incremental z with the trunk's KV cache (`core.init_cache(aux_cfg, ...)`), exactly like
     `core.forward_cached`: prefill a left-padded prompt, then one token per call.
     Returns (z [b, s or 1, vocab] float32, updated cache)."""
-    b, s = tokens.shape
-    if token_mask is None:
-        token_mask = jnp.ones((b, s), jnp.int32)
-    index = cache["index"]
-    positions = cache["positions"][:, None] + default_positions(token_mask)
-    valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], token_mask.astype(bool), index, axis=1)
-    mask = _mask(valid, jnp.broadcast_to(index + jnp.arange(s), (b, s)))
-    h, cache = module(aux_cfg, aux_params["trunk"]).hidden_states(tokens, positions, mask, {**cache, "valid": valid})
-    z = _head(aux_params, h[:, -1:] if last_only else h)
-    cache["positions"] = cache["positions"] + token_mask.astype(jnp.int32).sum(-1)
-    cache["index"] = index + s
-    return z, cache
+    h, cache, _ = hidden_states_cached(aux_cfg, aux_params["trunk"], tokens, cache, token_mask)
+    return _head(aux_params, h[:, -1:] if last_only else h), cache
 
 
 @dataclasses.dataclass(frozen=True)

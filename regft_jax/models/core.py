@@ -64,11 +64,10 @@ def _attention_mask(key_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
     return causal & key_valid[:, None, :].astype(bool)
 
 
-def forward(cfg: ModelConfig, params: Params, input_ids: jax.Array, *,
-            attention_mask: Optional[jax.Array] = None,
-            positions: Optional[jax.Array] = None,
-            return_hidden: bool = False):
-    """Full causal forward. input_ids [b, s] → logits [b, s, vocab] float32.
+def hidden_states(cfg: ModelConfig, params: Params, input_ids: jax.Array, *,
+                  attention_mask: Optional[jax.Array] = None,
+                  positions: Optional[jax.Array] = None) -> tuple[jax.Array, Decoder]:
+    """The final-norm hidden states [b, s, d] of a full causal pass, and the bound module.
 
     attention_mask [b, s] (1 = real token, 0 = padding) supports left-padded batches; positions
     default to the count of real tokens before each one.
@@ -81,6 +80,15 @@ def forward(cfg: ModelConfig, params: Params, input_ids: jax.Array, *,
     mask = _attention_mask(attention_mask, jnp.broadcast_to(jnp.arange(s), (b, s)))
     model = module(cfg, params)
     h, _ = model.hidden_states(input_ids, positions, mask)
+    return h, model
+
+
+def forward(cfg: ModelConfig, params: Params, input_ids: jax.Array, *,
+            attention_mask: Optional[jax.Array] = None,
+            positions: Optional[jax.Array] = None,
+            return_hidden: bool = False):
+    """Full causal forward. input_ids [b, s] → logits [b, s, vocab] float32 (see `hidden_states`)."""
+    h, model = hidden_states(cfg, params, input_ids, attention_mask=attention_mask, positions=positions)
     logits = model.logits(h)
     return (logits, h) if return_hidden else logits
 
@@ -98,14 +106,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Optional[str] 
     }
 
 
-def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
-                   token_mask: Optional[jax.Array] = None, *, last_only: bool = False):
-    """Run `tokens` [b, s] through the model, appending them to the KV cache.
-
-    Prefill with the (left-padded) prompt and its mask, then call with s=1 per new token.
-    Returns (logits [b, s, vocab] float32, updated cache); with `last_only`, logits [b, 1, vocab]
-    of the last slot only (a prefill never materializes [b, s, vocab]).
-    """
+def hidden_states_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
+                         token_mask: Optional[jax.Array] = None) -> tuple[jax.Array, dict, Decoder]:
+    """Hidden states of `tokens` [b, s] appended to the KV cache: (h [b, s, d], cache, module)."""
     b, s = tokens.shape
     if token_mask is None:
         token_mask = jnp.ones((b, s), jnp.int32)
@@ -114,10 +117,20 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: d
     valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], token_mask.astype(bool), index, axis=1)
     slots = jnp.broadcast_to(index + jnp.arange(s), (b, s))
     mask = _attention_mask(valid, slots)
-    cache = {**cache, "valid": valid}
     model = module(cfg, params)
-    h, cache = model.hidden_states(tokens, positions, mask, cache)
-    logits = model.logits(h[:, -1:] if last_only else h)
+    h, cache = model.hidden_states(tokens, positions, mask, {**cache, "valid": valid})
     cache["positions"] = cache["positions"] + token_mask.astype(jnp.int32).sum(-1)
     cache["index"] = index + s
-    return logits, cache
+    return h, cache, model
+
+
+def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
+                   token_mask: Optional[jax.Array] = None, *, last_only: bool = False):
+    """Run `tokens` [b, s] through the model, appending them to the KV cache.
+
+    Prefill with the (left-padded) prompt and its mask, then call with s=1 per new token.
+    Returns (logits [b, s, vocab] float32, updated cache); with `last_only`, logits [b, 1, vocab]
+    of the last slot only (a prefill never materializes [b, s, vocab]).
+    """
+    h, cache, model = hidden_states_cached(cfg, params, tokens, cache, token_mask)
+    return model.logits(h[:, -1:] if last_only else h), cache

@@ -12,7 +12,6 @@ optional "weight" [b] (importance ratios p_ref/proposal, self-normalized) and "a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Optional
 

@@ -14,7 +14,6 @@ Batches: corpus {"tokens" [b, s+1], "loss_mask" [b, s+1], "domain" [b]} (shifted
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Optional
 
 import jax

@@ -23,14 +23,14 @@ reaches the same parameters as an uninterrupted run.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,15 +39,14 @@ from tqdm import tqdm
 
 from regft_jax import sampling
 from regft_jax.checkpoint import RunCheckpointer
-from regft_jax import sharding as shd
 from regft_jax.data.batching import MixtureBatcher
 from regft_jax.data.pipeline import Corpus
 from regft_jax.errors import UserInputError
 from regft_jax.models.aux import aux_config, init_aux_params
-from regft_jax.train.loop import NonFiniteLossError, global_batches
 from regft_jax.train.aux import aux_state_shardings, make_aux_step
+from regft_jax.train.loop import NonFiniteLossError, global_batches
 from regft_jax.train.method import Frozen, MethodSpec, frozen_shardings, make_joint_step, make_llm_step
-from regft_jax.train.steps import init_train_state, make_optimizer, train_state_shardings
+from regft_jax.train.steps import TrainState, init_train_state, make_optimizer, train_state_shardings
 from regft_jax.train.tensorboard import SummaryWriter
 
 SCHEDULES = ("parallel", "sequential")
@@ -163,6 +162,240 @@ def run_fingerprint(config, name: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@dataclasses.dataclass
+class RunState:
+    """Everything a checkpoint holds: both train states, the frozen parameters, the sample buffers
+    (the set the auxiliary model trains on and, mid-iteration of the parallel schedule, the labeled
+    set in flight) and the position in the schedule."""
+
+    llm: TrainState
+    aux: TrainState
+    frozen: Frozen
+    samples: Optional[Samples]
+    next_samples: Optional[Samples] = None
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    label_wait: float = 0.0  # seconds the host waited for the oracle
+
+
+def save_run(ckpt: RunCheckpointer, run: RunState) -> None:
+    buffers = {k: b for k, b in (("current", run.samples), ("next", run.next_samples)) if b is not None}
+    arrays = {"llm": run.llm, "aux": run.aux, **{k: b.arrays() for k, b in buffers.items()}}
+    if run.frozen.snapshot is not None:
+        arrays["snapshot"] = run.frozen.snapshot
+    ckpt.save(run.step, arrays, {
+        "step": run.step, "history": run.history, "label_wait_s": run.label_wait,
+        "buffers": {k: {"n": b.label.shape[0], "length": b.tokens.shape[1], "iteration": b.iteration}
+                    for k, b in buffers.items()}})
+
+
+def restore_run(ckpt: RunCheckpointer, step: int, like: RunState, snapshot_shardings) -> RunState:
+    """The RunState saved at `step`, arrays placed like those of `like` (a freshly built state)."""
+    meta = ckpt.restore_meta(step)
+    buffers = {k: Samples.empty(**v) for k, v in meta["buffers"].items()}
+    target = {"llm": like.llm, "aux": like.aux, **{k: b.arrays() for k, b in buffers.items()}}
+    if like.frozen.snapshot is not None:
+        target["snapshot"] = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                          like.frozen.snapshot, snapshot_shardings)
+    arrays = ckpt.restore_state(step, target)
+    samples, next_samples = (Samples(**arrays[k], iteration=buffers[k].iteration) if k in buffers else None
+                             for k in ("current", "next"))
+    return RunState(llm=arrays["llm"], aux=arrays["aux"],
+                    frozen=dataclasses.replace(like.frozen, snapshot=arrays.get("snapshot")),
+                    samples=samples, next_samples=next_samples, step=meta["step"], history=meta["history"],
+                    label_wait=meta["label_wait_s"])
+
+
+class MethodRun:
+    """One run of the method: setup, resume, the two schedules, logging and checkpoints.
+    Use `run_method`."""
+
+    def __init__(self, config, mesh, corpus: Corpus, cfg, base_params, oracle, *, workdir: Optional[str], desc: str,
+                 stop_after: Optional[int]):
+        method = self.method = config.method
+        if method.schedule not in SCHEDULES:
+            raise UserInputError(f"config.method.schedule={method.schedule!r}: expected one of {SCHEDULES}")
+        self.config, self.mesh, self.cfg, self.desc, self.stop_after = config, mesh, cfg, desc, stop_after
+        domains = corpus.domains
+        batcher = MixtureBatcher(corpus.packed("train", config.data.seq_len), dict(method.proportions),
+                                 method.batch_size, seed=config.seed + 7,
+                                 domain_ids={d: i for i, d in enumerate(domains)},
+                                 shuffle_slots=False)  # contiguous domain rows: extra forwards only where needed
+        self.spec = MethodSpec.from_config(method, tuple(d == config.data.toxic_domain for d in domains),
+                                           domain_rows=tuple(batcher.quotas.get(d, 0) for d in domains))
+        self.num_steps = method.iterations * method.llm_steps
+        self.llm_opt = make_optimizer(method.learning_rate, weight_decay=method.weight_decay, grad_clip=1.0,
+                                      warmup_steps=method.warmup_steps, total_steps=self.num_steps)
+        self.aux_opt = make_optimizer(method.aux_learning_rate, grad_clip=1.0)
+        self.acfg = aux_config(cfg, method.aux_layers)
+        self.sampler = Sampler(cfg, corpus, oracle, method, mesh, config.seed, config.data.prompt_words)
+        self.batches = global_batches(batcher, mesh, keys=("tokens", "loss_mask", "domain"))
+        self.ckpt = None
+        if workdir and method.checkpoint_every > 0:
+            self.ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints", desc),
+                                        fingerprint=run_fingerprint(config, desc))
+        self.every = method.checkpoint_every if method.checkpoint_every > 0 else self.num_steps
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="labeler")
+        self.start = time.time()
+        self.run = self._initial_state(base_params)
+        self.writer = MetricsWriter(workdir, desc, self.run.history)
+        self.bar = tqdm(total=self.num_steps, initial=self.run.step, desc=f"{desc} ({method.schedule})",
+                        disable=not sys.stderr.isatty(), leave=False)
+        self.last_record = time.time()
+
+    def _initial_state(self, base_params) -> RunState:
+        """A fresh start (bootstrap samples from the base model), or the latest checkpoint."""
+        method, mesh = self.method, self.mesh
+        resume_step = self.ckpt.latest_step() if self.ckpt is not None and method.resume else None
+        samples, mean_label = None, 0.5
+        if resume_step is None:
+            samples = self.sampler.label(self.sampler.generate(base_params, 0))
+            if np.isfinite(samples.label).any():
+                mean_label = float(np.nanmean(samples.label))
+        aux_params = init_aux_params(self.acfg, jax.random.key(self.config.seed + 1), mean_label=mean_label,
+                                     llm_params=base_params if method.aux_init == "llm" else None)
+        run = RunState(
+            llm=jax.jit(functools.partial(init_train_state, optimizer=self.llm_opt),
+                        out_shardings=train_state_shardings(mesh, self.cfg, self.llm_opt))(base_params),
+            aux=jax.jit(functools.partial(init_train_state, optimizer=self.aux_opt),
+                        out_shardings=aux_state_shardings(mesh, self.acfg, self.aux_opt))(aux_params),
+            frozen=Frozen(anchor=base_params if self.spec.needs_anchor else None,
+                          snapshot=_copy(base_params) if self.spec.p_ref == "snapshot" else None),
+            samples=samples)
+        if resume_step is None:
+            return run
+        run = restore_run(self.ckpt, resume_step, run, frozen_shardings(mesh, self.cfg, run.frozen).snapshot)
+        print(f"{self.desc}: resumed from {self.ckpt.directory} at LLM step {run.step}/{self.num_steps}", flush=True)
+        return run
+
+    # -- logging and checkpoints
+
+    def record(self, metrics_list: list, extra: dict) -> None:
+        """Fetch the metrics of the steps since the last call (waits for them) and log them."""
+        metrics_list = jax.device_get(metrics_list)
+        now = time.time()
+        tokens = len(metrics_list) * self.method.batch_size * self.config.data.seq_len
+        extra = {**extra, "tokens_per_s": tokens / max(now - self.last_record, 1e-9)}
+        self.last_record = now
+        history = self.run.history
+        for m in metrics_list:
+            history.append({**{k: float(np.asarray(v)) for k, v in m.items()}, **extra})
+            self.writer.write(len(history), history[-1])
+        loss = history[-1].get("llm/loss")
+        if loss is not None and not np.isfinite(loss):
+            raise NonFiniteLossError(f"{self.desc}: non-finite LLM loss at step {len(history)}")
+
+    def log_and_checkpoint(self, pending: list, extra: dict, in_flight=None) -> None:
+        """Every `checkpoint_every` LLM steps and at the end: log, and checkpoint (with the labels of
+        `in_flight` samples, waited for, so the checkpoint holds every sample set in use)."""
+        run = self.run
+        if run.step % self.every and run.step != self.num_steps:
+            return
+        if pending:
+            self.record(pending, extra)
+            pending.clear()
+        if self.ckpt is not None:
+            if in_flight is not None:
+                run.next_samples = self.wait(in_flight)
+            save_run(self.ckpt, run)
+            run.next_samples = None
+
+    def wait(self, future):
+        t0 = time.time()
+        out = future.result()
+        self.run.label_wait += time.time() - t0
+        return out
+
+    def stopped(self) -> bool:
+        return self.stop_after is not None and self.run.step >= self.stop_after
+
+    def sample_batch(self, samples: Samples, k: int) -> dict:
+        return samples.batch(k, self.method.sample_batch_size)
+
+    # -- the schedules
+
+    def parallel(self) -> None:
+        run, spec, per_iteration = self.run, self.spec, self.method.llm_steps
+        joint = make_joint_step(self.cfg, self.acfg, spec, self.llm_opt, self.aux_opt, self.mesh, run.frozen,
+                                self.batches(0), self.sample_batch(run.samples, 0))
+        for it in range(run.step // per_iteration + 1, self.method.iterations + 1):
+            first = run.step - (it - 1) * per_iteration
+            if first == 0 and spec.p_ref == "snapshot":  # ref ← θ_{t-1}: what R is trained against this iteration
+                run.frozen = dataclasses.replace(run.frozen, snapshot=_copy(run.llm.params))
+            future = None  # the next iteration's samples: ~ θ_{t-1}, labeled in the background
+            if run.next_samples is not None:  # resumed mid-iteration: already labeled
+                future, run.next_samples = self.pool.submit(lambda s=run.next_samples: s), None
+            elif it < self.method.iterations:
+                future = self.pool.submit(self.sampler.label, self.sampler.generate(run.llm.params, it))
+            pending, extra = [], {"iteration": it, "sample_lag": it - run.samples.iteration}
+            for _ in range(first, per_iteration):
+                run.llm, run.aux, m = joint(run.llm, run.aux, run.frozen, self.batches(run.step),
+                                            self.sample_batch(run.samples, run.step))
+                pending.append(m)
+                run.step += 1
+                self.bar.update(1)
+                if self.stopped():
+                    return
+                if run.step % per_iteration:  # the iteration's last step is checkpointed below
+                    self.log_and_checkpoint(pending, extra, in_flight=future)
+            if pending:
+                self.record(pending, extra)
+            if future is not None:  # this iteration's generation: the next iteration trains on it
+                run.samples = self.wait(future)
+            self.log_and_checkpoint([], extra)
+
+    def sequential(self) -> None:
+        run, spec, per_iteration = self.run, self.spec, self.method.llm_steps
+        llm_fn = make_llm_step(self.cfg, self.acfg, spec, self.llm_opt, self.aux_opt, self.mesh, run.frozen,
+                               self.batches(0))
+        aux_fn = make_aux_step(self.acfg, self.cfg, self.aux_opt, spec.beta, mesh=self.mesh,
+                               batch_example=self.sample_batch(run.samples, 0), accum_steps=spec.accum_steps)
+        for it in range(run.step // per_iteration + 1, self.method.iterations + 1):
+            first = run.step - (it - 1) * per_iteration
+            extra = {"iteration": it, "sample_lag": 0}
+            if first == 0:  # a new iteration: samples from θ_{t-1}, then the auxiliary model's steps
+                if it > 1:
+                    t0 = time.time()
+                    run.samples = self.sampler.label(self.sampler.generate(run.llm.params, it))
+                    run.label_wait += time.time() - t0
+                ref = run.llm.params if spec.p_ref == "current" else _copy(run.llm.params)
+                if spec.p_ref == "snapshot":
+                    run.frozen = dataclasses.replace(run.frozen, snapshot=ref)
+                m = None
+                for k in range(self.method.aux_steps):
+                    run.aux, m = aux_fn(run.aux, ref, self.sample_batch(run.samples, k))
+                if m is not None:
+                    extra.update({f"aux/{k}": float(v) for k, v in jax.device_get(m).items()})
+            pending = []
+            for _ in range(first, per_iteration):
+                run.llm, m = llm_fn(run.llm, run.aux.params, run.frozen, self.batches(run.step))
+                pending.append({f"llm/{k}": v for k, v in m.items()})
+                run.step += 1
+                self.bar.update(1)
+                if self.stopped():
+                    return
+                self.log_and_checkpoint(pending, extra)
+            if pending:
+                self.record(pending, extra)
+
+    def __call__(self):
+        try:
+            getattr(self, self.method.schedule)()
+            jax.block_until_ready(self.run.llm)
+        finally:
+            self.bar.close()
+            self.writer.close()
+            self.pool.shutdown()
+            if self.ckpt is not None:
+                self.ckpt.close()
+        run = self.run
+        if self.stopped() and run.step < self.num_steps:
+            return None
+        if run.history:
+            run.history[-1].update({"seconds": time.time() - self.start, "label_wait_s": run.label_wait})
+        return run.llm.params, run.aux.params, self.acfg, run.history
+
+
 def run_method(config, mesh, corpus: Corpus, cfg, base_params, oracle, *, workdir: Optional[str] = None,
                desc: str = "ours", stop_after: Optional[int] = None):
     """Fine-tune `base_params` with the method; returns (llm params, aux params, aux config, history).
@@ -170,183 +403,5 @@ def run_method(config, mesh, corpus: Corpus, cfg, base_params, oracle, *, workdi
     With a `workdir`, checkpoints go to <workdir>/checkpoints/<desc>/ and an existing one is resumed.
     `stop_after`: return None after that many LLM steps, without a final checkpoint (a simulated
     preemption, for tests)."""
-    method = config.method
-    if method.schedule not in SCHEDULES:
-        raise UserInputError(f"config.method.schedule={method.schedule!r}: expected one of {SCHEDULES}")
-    domains = corpus.domains
-    batcher = MixtureBatcher(corpus.packed("train", config.data.seq_len), dict(method.proportions),
-                             method.batch_size, seed=config.seed + 7, domain_ids={d: i for i, d in enumerate(domains)},
-                             shuffle_slots=False)  # contiguous domain rows: extra forwards only where needed
-    spec = MethodSpec.from_config(method, tuple(d == config.data.toxic_domain for d in domains),
-                                  domain_rows=tuple(batcher.quotas.get(d, 0) for d in domains))
-    num_steps, per_iteration = method.iterations * method.llm_steps, method.llm_steps
-    llm_opt = make_optimizer(method.learning_rate, weight_decay=method.weight_decay, grad_clip=1.0,
-                             warmup_steps=method.warmup_steps, total_steps=num_steps)
-    aux_opt = make_optimizer(method.aux_learning_rate, grad_clip=1.0)
-    acfg = aux_config(cfg, method.aux_layers)
-    sampler = Sampler(cfg, corpus, oracle, method, mesh, config.seed, config.data.prompt_words)
-    ckpt = None
-    if workdir and method.checkpoint_every > 0:
-        ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints", desc), fingerprint=run_fingerprint(config, desc))
-    resume_step = ckpt.latest_step() if ckpt is not None and method.resume else None
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="labeler")
-    start = time.time()
-
-    samples, mean_label = None, 0.5
-    if resume_step is None:
-        samples = sampler.label(sampler.generate(base_params, 0))  # bootstrap from the base model
-        mean_label = float(np.nanmean(samples.label)) if np.isfinite(samples.label).any() else 0.5
-    aux_params = init_aux_params(acfg, jax.random.key(config.seed + 1), mean_label=mean_label,
-                                 llm_params=base_params if method.aux_init == "llm" else None)
-    aux_state = jax.jit(functools.partial(init_train_state, optimizer=aux_opt),
-                        out_shardings=aux_state_shardings(mesh, acfg, aux_opt))(aux_params)
-    llm_state = jax.jit(functools.partial(init_train_state, optimizer=llm_opt),
-                        out_shardings=train_state_shardings(mesh, cfg, llm_opt))(base_params)
-    frozen = Frozen(anchor=base_params if spec.needs_anchor else None,
-                    snapshot=_copy(base_params) if spec.p_ref == "snapshot" else None)
-    step, history, next_samples, label_wait = 0, [], None, 0.0
-    if resume_step is not None:
-        meta = ckpt.restore_meta(resume_step)
-        buffers = {k: Samples.empty(**v) for k, v in meta["buffers"].items()}
-        target = {"llm": llm_state, "aux": aux_state, **{k: b.arrays() for k, b in buffers.items()}}
-        if frozen.snapshot is not None:
-            target["snapshot"] = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                              frozen.snapshot, frozen_shardings(mesh, cfg, frozen).snapshot)
-        state = ckpt.restore_state(resume_step, target)
-        llm_state, aux_state = state["llm"], state["aux"]
-        frozen = dataclasses.replace(frozen, snapshot=state.get("snapshot"))
-        samples, next_samples = (None if k not in buffers else Samples(**state[k], iteration=buffers[k].iteration)
-                                 for k in ("current", "next"))
-        step, history, label_wait = meta["step"], meta["history"], meta["label_wait_s"]
-        print(f"{desc}: resumed from {ckpt.directory} at LLM step {step}/{num_steps}", flush=True)
-
-    def save():
-        if ckpt is None:
-            return
-        bufs = {"current": samples, "next": next_samples}
-        state = {"llm": llm_state, "aux": aux_state, **{k: b.arrays() for k, b in bufs.items() if b is not None}}
-        if frozen.snapshot is not None:
-            state["snapshot"] = frozen.snapshot
-        ckpt.save(step, state, {"step": step, "history": history, "label_wait_s": label_wait, "buffers": {
-            k: {"n": b.label.shape[0], "length": b.tokens.shape[1], "iteration": b.iteration}
-            for k, b in bufs.items() if b is not None}})
-
-    batches = global_batches(batcher, mesh, keys=("tokens", "loss_mask", "domain"))
-    sample_batch = lambda s, k: s.batch(k, method.sample_batch_size)
-    writer = MetricsWriter(workdir, desc, history)
-    bar = tqdm(total=num_steps, initial=step, desc=f"{desc} ({method.schedule})", disable=not sys.stderr.isatty(),
-               leave=False)
-    tokens_per_step = method.batch_size * config.data.seq_len
-    last = [time.time()]
-
-    def record(metrics_list, extra):
-        """Fetch the metrics of the steps since the last call (waits for them) and log them."""
-        metrics_list = jax.device_get(metrics_list)
-        now = time.time()
-        extra = {**extra, "tokens_per_s": len(metrics_list) * tokens_per_step / max(now - last[0], 1e-9)}
-        last[0] = now
-        for m in metrics_list:
-            h = {k: float(np.asarray(v)) for k, v in m.items()}
-            h.update(extra)
-            history.append(h)
-            writer.write(len(history), h)
-        loss = history[-1].get("llm/loss")
-        if loss is not None and not np.isfinite(loss):
-            raise NonFiniteLossError(f"{desc}: non-finite LLM loss at step {len(history)}")
-
-    every = method.checkpoint_every if method.checkpoint_every > 0 else num_steps
-
-    def checkpoint_due(pending, extra) -> bool:
-        """After each LLM step: log, and checkpoint every `checkpoint_every` steps and at the end."""
-        if step % every == 0 or step == num_steps:
-            if pending:
-                record(pending, extra)
-                pending.clear()
-            return True
-        return False
-
-    def stopped():
-        return stop_after is not None and step >= stop_after
-
-    if method.schedule == "parallel":
-        joint = make_joint_step(cfg, acfg, spec, llm_opt, aux_opt, mesh, frozen, batches(0), sample_batch(samples, 0))
-        for it in range(step // per_iteration + 1, method.iterations + 1):
-            first = step - (it - 1) * per_iteration
-            if first == 0 and spec.p_ref == "snapshot":  # ref ← θ_{t-1}: what R is trained against this iteration
-                frozen = dataclasses.replace(frozen, snapshot=_copy(llm_state.params))
-            future = None  # the next iteration's samples: ~ θ_{t-1}, labeled in the background
-            if next_samples is not None:
-                future, next_samples = pool.submit(lambda s=next_samples: s), None
-            elif it < method.iterations:
-                future = pool.submit(sampler.label, sampler.generate(llm_state.params, it))
-            pending, extra = [], {"iteration": it, "sample_lag": it - samples.iteration}
-            for _ in range(first, per_iteration):
-                llm_state, aux_state, m = joint(llm_state, aux_state, frozen, batches(step), sample_batch(samples, step))
-                pending.append(m)
-                step += 1
-                bar.update(1)
-                if stopped():
-                    break
-                if step % per_iteration and checkpoint_due(pending, extra) and ckpt is not None:
-                    if future is not None:  # the checkpoint holds the in-flight samples too
-                        t0 = time.time()
-                        next_samples = future.result()
-                        label_wait += time.time() - t0
-                    save()
-                    next_samples = None
-            if stopped():
-                break
-            if pending:
-                record(pending, extra)
-            if future is not None:  # labels of this iteration's generation: used from the next on
-                t0 = time.time()
-                samples = future.result()
-                label_wait += time.time() - t0
-            if checkpoint_due([], extra):
-                save()
-    else:
-        llm_fn = make_llm_step(cfg, acfg, spec, llm_opt, aux_opt, mesh, frozen, batches(0))
-        aux_fn = make_aux_step(acfg, cfg, aux_opt, spec.beta, mesh=mesh, batch_example=sample_batch(samples, 0),
-                               accum_steps=spec.accum_steps)
-        for it in range(step // per_iteration + 1, method.iterations + 1):
-            first = step - (it - 1) * per_iteration
-            extra = {"iteration": it, "sample_lag": 0}
-            if first == 0:  # a new iteration: samples from θ_{t-1}, then the auxiliary model's steps
-                if it > 1:
-                    t0 = time.time()
-                    samples = sampler.label(sampler.generate(llm_state.params, it))
-                    label_wait += time.time() - t0
-                ref = llm_state.params if spec.p_ref == "current" else _copy(llm_state.params)
-                if spec.p_ref == "snapshot":
-                    frozen = dataclasses.replace(frozen, snapshot=ref)
-                aux_metrics = []
-                for k in range(method.aux_steps):
-                    aux_state, m = aux_fn(aux_state, ref, sample_batch(samples, k))
-                    aux_metrics.append(m)
-                if aux_metrics:
-                    extra.update({f"aux/{k}": float(v) for k, v in jax.device_get(aux_metrics[-1]).items()})
-            pending = []
-            for _ in range(first, per_iteration):
-                llm_state, m = llm_fn(llm_state, aux_state.params, frozen, batches(step))
-                pending.append({f"llm/{k}": v for k, v in m.items()})
-                step += 1
-                bar.update(1)
-                if stopped():
-                    break
-                if checkpoint_due(pending, extra):
-                    save()
-            if stopped():
-                break
-            if pending:
-                record(pending, extra)
-    jax.block_until_ready(llm_state)
-    bar.close()
-    writer.close()
-    pool.shutdown()
-    if ckpt is not None:
-        ckpt.close()
-    if stopped() and step < num_steps:
-        return None
-    if history:
-        history[-1].update({"seconds": time.time() - start, "label_wait_s": label_wait})
-    return llm_state.params, aux_state.params, acfg, history
+    return MethodRun(config, mesh, corpus, cfg, base_params, oracle, workdir=workdir, desc=desc,
+                     stop_after=stop_after)()
