@@ -54,7 +54,7 @@ SCHEDULES = ("parallel", "sequential")
 
 @dataclasses.dataclass
 class Samples:
-    """One labeled sample set: arrays for the aux step plus the texts (for logs)."""
+    """One labeled sample set: the auxiliary model's training rows."""
 
     tokens: np.ndarray  # [n, P + N] left-padded prompt + continuation
     loss_mask: np.ndarray  # [n, P + N] 1 on generated tokens
@@ -76,8 +76,7 @@ class Samples:
     def batch(self, k: int, size: int) -> dict:
         """The k-th batch of `size` rows, cycling over the set."""
         rows = (np.arange(size) + k * size) % self.label.shape[0]
-        return {"tokens": self.tokens[rows], "loss_mask": self.loss_mask[rows],
-                "attention_mask": self.attention_mask[rows], "label": self.label[rows]}
+        return {key: value[rows] for key, value in self.arrays().items()}
 
 
 class Sampler:
@@ -93,16 +92,18 @@ class Sampler:
         # longer prompts keep their last tokens.
         self.prompt_len = sampling.bucket(int(np.percentile([len(i) for i in ids], 99)), 8)
         self.prompts = [i[-self.prompt_len:] for i in ids]
-        self.fn = sampling.make_sampler(cfg, mesh, max_new_tokens=method.sample_tokens, use_top_p=method.sample_top_p < 1,
-                                        eos_id=tok.eos_id, pad_id=tok.pad_id or 0)
+        self.fn = sampling.make_sampler(cfg, mesh, max_new_tokens=method.sample_tokens,
+                                        use_top_p=method.sample_top_p < 1, eos_id=tok.eos_id, pad_id=tok.pad_id or 0)
         self.seed = seed
 
     def generate(self, params, iteration: int):
         """Dispatch generation (asynchronous: returns device arrays at once). The prompts and the
         sampling key are functions of (seed, iteration) only, so resumed runs draw the same."""
-        chosen = np.random.default_rng((self.seed, iteration)).choice(len(self.prompts), self.method.samples_per_iteration, replace=False)
-        tokens, mask = sampling.pad_prompts([self.prompts[i] for i in chosen], self.prompt_len,
-                                            self.method.samples_per_iteration, self.corpus.tokenizer.pad_id or 0)
+        n = self.method.samples_per_iteration
+        chosen = np.random.default_rng((self.seed, iteration)).choice(len(self.prompts), n,
+                                                                      replace=n > len(self.prompts))
+        tokens, mask = sampling.pad_prompts([self.prompts[i] for i in chosen], self.prompt_len, n,
+                                            self.corpus.tokenizer.pad_id or 0)
         out = self.fn(params, None, tokens, mask, jax.random.key(self.seed * 100_003 + iteration),
                       jnp.float32(self.method.sample_temperature), jnp.float32(self.method.sample_top_p))
         return tokens, mask, out, iteration
