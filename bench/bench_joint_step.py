@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_config, report  # noqa: E402
+from common import load_config, machine, report  # noqa: E402
 
 
 def _time(fn, args, repeats):
@@ -123,9 +123,10 @@ def main(argv=None):
     header = (f"model: {cfg.family} {cfg.num_layers} layers, width {cfg.hidden_size}, vocab {cfg.vocab_size}, "
               f"{cfg.param_dtype}{' (FLOPs of abstract shapes only)' if abstract else ''}; "
               f"aux {acfg.num_layers} layer(s); corpus batch {b}x{s} ({n_general} general rows), sample batch "
-              f"{n}x{t}; {jax.device_count()} {jax.devices()[0].platform} device(s), {os.cpu_count()} cores")
+              f"{n}x{t}; " + machine())
     table = "\n".join(lines)
     report("Joint step vs SFT step", "bench_joint_step.py", argv, header, table, args.write)
+
 
 if __name__ == "__main__":
     main()

@@ -105,5 +105,6 @@ def main(argv=None):
     table = "\n".join(lines)
     report("Sampler vs HF generate", "bench_sampler.py", argv, header, table, args.write)
 
+
 if __name__ == "__main__":
     main()

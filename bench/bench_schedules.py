@@ -18,7 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_config, report  # noqa: E402
+from common import load_config, machine, report  # noqa: E402
 
 
 def main(argv=None):
@@ -27,7 +27,6 @@ def main(argv=None):
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
 
-    import jax
     import ml_collections
 
     from regft_jax import sharding
@@ -80,10 +79,10 @@ def main(argv=None):
     header = (f"{steps} LLM steps ({m.iterations} iterations x {m.llm_steps}), batch {m.batch_size}x"
               f"{config.data.seq_len}; method: {'adaptive' if m.adaptive else 'one regularizer'}, p_ref={m.p_ref}, "
               f"aux {m.aux_layers} layer(s), {m.samples_per_iteration} samples x {m.sample_tokens} tokens per "
-              f"iteration, sequential: {m.aux_steps} aux steps per iteration; {jax.device_count()} "
-              f"{jax.devices()[0].platform} device(s), {os.cpu_count()} cores")
+              f"iteration, sequential: {m.aux_steps} aux steps per iteration; " + machine())
     table = "\n".join(lines)
     report("Schedules end to end vs SFT", "bench_schedules.py", argv, header, table, args.write)
+
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,13 @@ def load_config(path: str):
     return module.get_config()
 
 
+def machine() -> str:
+    """The devices and cores a result was measured on."""
+    import jax
+
+    return f"{jax.device_count()} {jax.devices()[0].platform} device(s), {os.cpu_count()} cores"
+
+
 def report(title: str, script: str, argv, header: str, table: str, write: bool) -> None:
     """Print `header` and `table`; with `write`, append them to bench/RESULTS.md under `title`
     with the command that produced them."""
