@@ -78,6 +78,13 @@ def lookahead_log_r(ref_logits: jax.Array, z: jax.Array) -> tuple[jax.Array, jax
             jax.nn.logsumexp(ref_logits + jax.nn.log_sigmoid(-z), axis=-1) - log_norm)
 
 
+def aux_slot_weights(labels: jax.Array, mask: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """w m_i [b, s−1]: the weight of each target slot of `aux_loss` (0 on prompt, padding and rows
+    whose label is unknown); its sum is the loss's normalizer."""
+    w = jnp.where(jnp.isfinite(labels), 1.0 if weights is None else weights, 0.0).astype(jnp.float32)
+    return mask[:, 1:].astype(jnp.float32) * w[:, None]
+
+
 def aux_loss(z: jax.Array, tokens: jax.Array, labels: jax.Array, mask: jax.Array, ref_logits: jax.Array, *,
              beta: float, weights: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """L_aux = Σ_i w m_i BCE(z(h_{i−1})[y_i], c) + β Σ_i w m_i m_{i+1} KL_Bern(R(h_{i−1}, y_i) ‖ R̄(h_i)),
@@ -96,8 +103,7 @@ def aux_loss(z: jax.Array, tokens: jax.Array, labels: jax.Array, mask: jax.Array
     """
     valid = jnp.isfinite(labels)
     label = jnp.where(valid, labels, 0.0).astype(jnp.float32)
-    w = jnp.where(valid, 1.0 if weights is None else weights, 0.0).astype(jnp.float32)
-    m = mask[:, 1:].astype(jnp.float32) * w[:, None]  # weight of target slot t (= 1..s-1)
+    m = aux_slot_weights(labels, mask, weights)  # weight of target slot t (= 1..s-1)
     m_next = jnp.pad(mask[:, 2:].astype(jnp.float32), ((0, 0), (0, 1)))
     z = z.astype(jnp.float32)
     z_y = jnp.take_along_axis(z[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]  # z(h_{t−1})[y_t]

@@ -37,17 +37,9 @@ def _validate(config) -> None:
     require(config, "train.batch_size", config.train.batch_size >= 1, "an integer >= 1")
     require(config, "train.seq_len", config.train.seq_len >= 2, "an integer >= 2")
     if config.stage == "detox":  # fail before minutes of pretraining, not after
-        from regft_jax.train.method import P_REF
-        from regft_jax.train.schedules import SCHEDULES
+        from regft_jax.train.schedules import check_method_config
 
-        m = config.method
-        require(config, "method.schedule", m.schedule in SCHEDULES, f"one of {SCHEDULES}")
-        require(config, "method.p_ref", m.p_ref in P_REF, f"one of {P_REF}")
-        require(config, "method.aux_init", m.aux_init in ("llm", "fresh"), "'llm' or 'fresh'")
-        require(config, "method.label_text", m.label_text in ("continuation", "full"), "'continuation' or 'full'")
-        for key in ("iterations", "llm_steps", "batch_size", "samples_per_iteration", "sample_batch_size",
-                    "sample_tokens", "aux_layers", "accum_steps"):
-            require(config, f"method.{key}", m[key] >= 1, "an integer >= 1")
+        check_method_config(config)
 
 
 def run_smoke(config, workdir: str) -> dict:

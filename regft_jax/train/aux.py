@@ -16,11 +16,10 @@ import functools
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from regft_jax import sharding as shd
-from regft_jax.losses import aux_loss
+from regft_jax.losses import aux_loss, aux_slot_weights
 from regft_jax.models import ModelConfig, abstract_params, forward, param_logical_axes
 from regft_jax.models.aux import aux_abstract_params, aux_logical_axes, aux_logits
 from regft_jax.train.steps import TrainState, accumulated_value_and_grad, guarded_update
@@ -35,10 +34,8 @@ def aux_objective(aux_cfg: ModelConfig, aux_params: dict, batch: dict, ref_logit
 
 
 def aux_target_weight(batch: dict) -> jax.Array:
-    """The normalizer of `aux_loss` on `batch`: Σ_i w m_i over target slots of rows with a known label."""
-    valid = jnp.isfinite(batch["label"])
-    w = jnp.where(valid, batch["weight"] if "weight" in batch else 1.0, 0.0).astype(jnp.float32)
-    return (batch["loss_mask"][:, 1:].astype(jnp.float32) * w[:, None]).sum()
+    """The normalizer of `aux_loss` on `batch` (Σ_i w m_i, see `aux_slot_weights`)."""
+    return aux_slot_weights(batch["label"], batch["loss_mask"], batch.get("weight")).sum()
 
 
 def aux_step(aux_cfg: ModelConfig, llm_cfg: ModelConfig, optimizer: optax.GradientTransformation, beta: float,

@@ -41,15 +41,27 @@ from regft_jax import sampling
 from regft_jax.checkpoint import RunCheckpointer
 from regft_jax.data.batching import MixtureBatcher
 from regft_jax.data.pipeline import Corpus
-from regft_jax.errors import UserInputError
+from regft_jax.config_utils import require
 from regft_jax.models.aux import aux_config, init_aux_params
 from regft_jax.train.aux import aux_state_shardings, make_aux_step
 from regft_jax.train.loop import NonFiniteLossError, global_batches
-from regft_jax.train.method import Frozen, MethodSpec, frozen_shardings, make_joint_step, make_llm_step
+from regft_jax.train.method import P_REF, Frozen, MethodSpec, make_joint_step, make_llm_step
 from regft_jax.train.steps import TrainState, init_train_state, make_optimizer, train_state_shardings
 from regft_jax.train.tensorboard import SummaryWriter
 
 SCHEDULES = ("parallel", "sequential")
+
+
+def check_method_config(config) -> None:
+    """The `config.method` values a run depends on; a bad one stops it with one line naming the key."""
+    m = config.method
+    require(config, "method.schedule", m.schedule in SCHEDULES, f"one of {SCHEDULES}")
+    require(config, "method.p_ref", m.p_ref in P_REF, f"one of {P_REF}")
+    require(config, "method.aux_init", m.aux_init in ("llm", "fresh"), "'llm' or 'fresh'")
+    require(config, "method.label_text", m.label_text in ("continuation", "full"), "'continuation' or 'full'")
+    for key in ("iterations", "llm_steps", "batch_size", "samples_per_iteration", "sample_batch_size",
+                "sample_tokens", "aux_layers", "accum_steps"):
+        require(config, f"method.{key}", m[key] >= 1, "an integer >= 1")
 
 
 @dataclasses.dataclass
@@ -128,6 +140,11 @@ def _copy(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
+def _abstract(tree, shardings):
+    """Shapes and dtypes of `tree`'s leaves placed on `shardings` (a restore target)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 class MetricsWriter:
     """Per-step metrics to <workdir>/metrics_<name>.jsonl and TensorBoard (<workdir>/tb/<name>),
     process 0 only. `history`: metrics of steps already done (a resumed run) written first."""
@@ -190,14 +207,14 @@ def save_run(ckpt: RunCheckpointer, run: RunState) -> None:
                     for k, b in buffers.items()}})
 
 
-def restore_run(ckpt: RunCheckpointer, step: int, like: RunState, snapshot_shardings) -> RunState:
-    """The RunState saved at `step`, arrays placed like those of `like` (a freshly built state)."""
+def restore_run(ckpt: RunCheckpointer, step: int, like: RunState) -> RunState:
+    """The RunState saved at `step`; `like` gives the train states and the snapshot as abstract
+    arrays (shapes, dtypes, shardings: nothing is allocated before the restore)."""
     meta = ckpt.restore_meta(step)
     buffers = {k: Samples.empty(**v) for k, v in meta["buffers"].items()}
     target = {"llm": like.llm, "aux": like.aux, **{k: b.arrays() for k, b in buffers.items()}}
     if like.frozen.snapshot is not None:
-        target["snapshot"] = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                          like.frozen.snapshot, snapshot_shardings)
+        target["snapshot"] = like.frozen.snapshot
     arrays = ckpt.restore_state(step, target)
     samples, next_samples = (Samples(**arrays[k], iteration=buffers[k].iteration) if k in buffers else None
                              for k in ("current", "next"))
@@ -213,9 +230,8 @@ class MethodRun:
 
     def __init__(self, config, mesh, corpus: Corpus, cfg, base_params, oracle, *, workdir: Optional[str], desc: str,
                  stop_after: Optional[int]):
+        check_method_config(config)
         method = self.method = config.method
-        if method.schedule not in SCHEDULES:
-            raise UserInputError(f"config.method.schedule={method.schedule!r}: expected one of {SCHEDULES}")
         self.config, self.mesh, self.cfg, self.desc, self.stop_after = config, mesh, cfg, desc, stop_after
         domains = corpus.domains
         batcher = MixtureBatcher(corpus.packed("train", config.data.seq_len), dict(method.proportions),
@@ -247,27 +263,30 @@ class MethodRun:
     def _initial_state(self, base_params) -> RunState:
         """A fresh start (bootstrap samples from the base model), or the latest checkpoint."""
         method, mesh = self.method, self.mesh
+        llm_sh = train_state_shardings(mesh, self.cfg, self.llm_opt)
+        aux_sh = aux_state_shardings(mesh, self.acfg, self.aux_opt)
+        init_llm = jax.jit(functools.partial(init_train_state, optimizer=self.llm_opt), out_shardings=llm_sh)
+        init_aux = jax.jit(lambda llm_params, mean_label: init_train_state(init_aux_params(
+            self.acfg, jax.random.key(self.config.seed + 1), mean_label=mean_label,
+            llm_params=llm_params if method.aux_init == "llm" else None), self.aux_opt), out_shardings=aux_sh,
+            static_argnums=1)
+        anchor = base_params if self.spec.needs_anchor else None
+        snapshot = self.spec.p_ref == "snapshot"
+
         resume_step = self.ckpt.latest_step() if self.ckpt is not None and method.resume else None
-        samples, mean_label = None, 0.5
-        if resume_step is None:
-            samples = self.sampler.label(self.sampler.generate(base_params, 0))
-            if np.isfinite(samples.label).any():
-                mean_label = float(np.nanmean(samples.label))
-        aux_params = init_aux_params(self.acfg, jax.random.key(self.config.seed + 1), mean_label=mean_label,
-                                     llm_params=base_params if method.aux_init == "llm" else None)
-        run = RunState(
-            llm=jax.jit(functools.partial(init_train_state, optimizer=self.llm_opt),
-                        out_shardings=train_state_shardings(mesh, self.cfg, self.llm_opt))(base_params),
-            aux=jax.jit(functools.partial(init_train_state, optimizer=self.aux_opt),
-                        out_shardings=aux_state_shardings(mesh, self.acfg, self.aux_opt))(aux_params),
-            frozen=Frozen(anchor=base_params if self.spec.needs_anchor else None,
-                          snapshot=_copy(base_params) if self.spec.p_ref == "snapshot" else None),
-            samples=samples)
-        if resume_step is None:
+        if resume_step is not None:  # restore onto abstract targets: no second copy of any state
+            like = RunState(llm=_abstract(jax.eval_shape(init_llm, base_params), llm_sh),
+                            aux=_abstract(jax.eval_shape(init_aux, base_params, 0.5), aux_sh),
+                            frozen=Frozen(anchor, _abstract(base_params, llm_sh.params) if snapshot else None),
+                            samples=None)
+            run = restore_run(self.ckpt, resume_step, like)
+            print(f"{self.desc}: resumed from {self.ckpt.directory} at LLM step {run.step}/{self.num_steps}",
+                  flush=True)
             return run
-        run = restore_run(self.ckpt, resume_step, run, frozen_shardings(mesh, self.cfg, run.frozen).snapshot)
-        print(f"{self.desc}: resumed from {self.ckpt.directory} at LLM step {run.step}/{self.num_steps}", flush=True)
-        return run
+        samples = self.sampler.label(self.sampler.generate(base_params, 0))  # bootstrap from the base model
+        mean_label = float(np.nanmean(samples.label)) if np.isfinite(samples.label).any() else 0.5
+        return RunState(llm=init_llm(base_params), aux=init_aux(base_params, mean_label),
+                        frozen=Frozen(anchor, _copy(base_params) if snapshot else None), samples=samples)
 
     # -- logging and checkpoints
 
@@ -325,7 +344,9 @@ class MethodRun:
                 run.frozen = dataclasses.replace(run.frozen, snapshot=_copy(run.llm.params))
             future = None  # the next iteration's samples: ~ θ_{t-1}, labeled in the background
             if run.next_samples is not None:  # resumed mid-iteration: already labeled
-                future, run.next_samples = self.pool.submit(lambda s=run.next_samples: s), None
+                future = concurrent.futures.Future()
+                future.set_result(run.next_samples)
+                run.next_samples = None
             elif it < self.method.iterations:
                 future = self.pool.submit(self.sampler.label, self.sampler.generate(run.llm.params, it))
             pending, extra = [], {"iteration": it, "sample_lag": it - run.samples.iteration}
