@@ -4,8 +4,8 @@ FLOP ratio (XLA's cost analysis of the compiled steps), and the parts that make 
     python bench/bench_joint_step.py [--config configs/tiny.py] [--repeats 20] [--write]
     python bench/bench_joint_step.py --arch llama2-7b --flops_only [--write]
 
-Each row times one jitted step (best of `repeats`, after compilation) on the config's tiny
-architecture with random weights and random tokens (values do not change the cost).
+Each row times one jitted step (the median of `repeats` interleaved rounds, after compilation) on
+the config's tiny architecture with random weights and random tokens (values do not change the cost).
 `--flops_only` compiles the steps for abstract inputs and reports XLA's FLOP counts only, which
 works for architectures far too large to run here (`--arch llama2-7b`: Llama-2-7B shapes, an
 auxiliary model of 8 layers = 1/4 of the depth, corpus batch 8x1024, samples 8x(64+64)).
@@ -14,6 +14,7 @@ auxiliary model of 8 layers = 1/4 of the depth, corpus batch 8x1024, samples 8x(
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -25,17 +26,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import load_config, machine, report  # noqa: E402
 
 
-def _time(fn, args, repeats):
-    out = fn(*args)
+def _times(rows, repeats):
+    """Median seconds per call of each (fn, args), timed in interleaved rounds (one call of every
+    step per round), so drifts of a shared machine hit all rows alike."""
     import jax
 
-    jax.block_until_ready(out)
-    best = float("inf")
+    for fn, args in rows:
+        jax.block_until_ready(fn(*args))  # compile
+    samples = [[] for _ in rows]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
+        for (fn, args), out in zip(rows, samples):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            out.append(time.perf_counter() - start)
+    return [float(np.median(x)) for x in samples]
 
 
 def _flops(fn, args):
@@ -65,7 +69,8 @@ def main(argv=None):
     config = load_config(args.config)
     m = config.method
     cfg = ModelConfig.from_dict({**config.model.arch.to_dict(), "scan_layers": config.model.scan_layers})
-    aux_layers, b, s, prompt, n = m.aux_layers, m.batch_size, config.data.seq_len, 16, m.sample_batch_size
+    # prompt: the sampler's padded prompt length on the offline corpus (95th percentile, 24 tokens)
+    aux_layers, b, s, prompt, n = m.aux_layers, m.batch_size, config.data.seq_len, 24, m.sample_batch_size
     if args.arch == "llama2-7b":
         cfg = ModelConfig(family="llama", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
                           num_kv_heads=32, head_dim=128, mlp_dim=11008, max_seq_len=4096,
@@ -91,7 +96,7 @@ def main(argv=None):
     aux_params = make(lambda: init_aux_params(acfg, jax.random.key(1), mean_label=0.8))
     state, aux_state = make(lambda: init_train_state(params, opt)), make(lambda: init_train_state(aux_params, aux_opt))
 
-    no_anchor = MethodSpec(("closed_form", "closed_form"), spec.lambdas, spec.p_ref, spec.beta, spec.domain_rows)
+    no_anchor = dataclasses.replace(spec, kinds=("closed_form", "closed_form"))
 
     def steps(cfg, acfg):
         """(name, jitted step, args) rows for one pair of model configs."""
@@ -103,7 +108,8 @@ def main(argv=None):
             ("llm_step: adaptive (+ anchor forward)", jax.jit(functools.partial(llm_step, cfg, acfg, spec, opt)),
              (state, aux_state.params, frozen, corpus)),
             ("aux update on samples (+ p_ref forward)",
-             jax.jit(functools.partial(aux_step, acfg, cfg, aux_opt, spec.beta)), (aux_state, params, samples)),
+             jax.jit(functools.partial(aux_step, acfg, cfg, aux_opt, spec.beta, sample_tokens=spec.sample_tokens)),
+             (aux_state, params, samples)),
             ("joint_step (adaptive LLM + aux, one program)",
              jax.jit(functools.partial(joint_step, cfg, acfg, spec, opt, aux_opt)),
              (state, aux_state, frozen, corpus, samples)),
@@ -113,13 +119,12 @@ def main(argv=None):
     # programs; times from the configured ones (the same arithmetic).
     unrolled = steps(cfg.replace(scan_layers=False), acfg.replace(scan_layers=False))
     rows = [(name, fn, fargs, flop_fn) for (name, fn, fargs), (_, flop_fn, _) in zip(steps(cfg, acfg), unrolled)]
-    base_t, base_f = None, None
+    times = [float("nan")] * len(rows) if abstract else _times([(fn, a) for _, fn, a, _ in rows], args.repeats)
+    flops = [_flops(flop_fn, fargs) for _, _, fargs, flop_fn in rows]
     lines = ["| step | ms | time / SFT | GFLOP | FLOPs / SFT |", "|---|---:|---:|---:|---:|"]
-    for name, fn, fargs, flop_fn in rows:
-        t_, f_ = float("nan") if abstract else _time(fn, fargs, args.repeats), _flops(flop_fn, fargs)
-        base_t, base_f = base_t or t_, base_f or f_
-        ms, ratio = ("-", "-") if abstract else (f"{1e3 * t_:.1f}", f"{t_ / base_t:.2f}x")
-        lines.append(f"| {name} | {ms} | {ratio} | {f_ / 1e9:.2f} | {f_ / base_f:.2f}x |")
+    for (name, *_), t_, f_ in zip(rows, times, flops):
+        ms, ratio = ("-", "-") if abstract else (f"{1e3 * t_:.1f}", f"{t_ / times[0]:.2f}x")
+        lines.append(f"| {name} | {ms} | {ratio} | {f_ / 1e9:.2f} | {f_ / flops[0]:.2f}x |")
     header = (f"model: {cfg.family} {cfg.num_layers} layers, width {cfg.hidden_size}, vocab {cfg.vocab_size}, "
               f"{cfg.param_dtype}{' (FLOPs of abstract shapes only)' if abstract else ''}; "
               f"aux {acfg.num_layers} layer(s); corpus batch {b}x{s} ({n_general} general rows), sample batch "

@@ -84,6 +84,11 @@ class RunCheckpointer:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def delete_all(self) -> None:
+        """Delete every saved step (a run that starts over in the same directory)."""
+        for step in self.manager.all_steps():
+            self.manager.delete(step)
+
     def save(self, step: int, state: Any, meta: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "fingerprint": self.fingerprint})))

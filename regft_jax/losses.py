@@ -38,11 +38,16 @@ def guided_logits(ref_logits: jax.Array, z: jax.Array) -> jax.Array:
 def token_kl(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
     """KL(q ‖ p) = Σ_v q(v) [log q(v) − log p(v)] per position [b, s], with q = softmax(target_logits)
     a fixed target (stop-gradient) and p = softmax(logits). Its gradient w.r.t. `logits` is p − q.
-    Entries with q(v) = 0 contribute 0 (so −inf target logits are allowed)."""
-    log_q = jax.nn.log_softmax(jax.lax.stop_gradient(target_logits.astype(jnp.float32)), axis=-1)
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    q = jnp.exp(log_q)
-    return jnp.where(q > 0, q * (log_q - log_p), 0.0).sum(-1)
+    Entries with q(v) = 0 contribute 0 (so −inf target logits are allowed).
+
+    Computed as Σ_v q(v) (t_v − l_v) − logsumexp(t) + logsumexp(l) (t, l the two logits): log q and
+    log p are never materialized, and logsumexp(l) and its gradient p are shared with the LM
+    loss's cross-entropy (bench/RESULTS.md: a third less time than through two log-softmaxes)."""
+    target_logits = jax.lax.stop_gradient(target_logits.astype(jnp.float32))
+    logits = logits.astype(jnp.float32)
+    lse_q = jax.nn.logsumexp(target_logits, axis=-1)
+    q = jnp.exp(target_logits - lse_q[..., None])
+    return jnp.where(q > 0, q * (target_logits - logits), 0.0).sum(-1) - lse_q + jax.nn.logsumexp(logits, axis=-1)
 
 
 def closed_form_regularizer(ref_logits: jax.Array, z: jax.Array, logits: jax.Array) -> jax.Array:
@@ -74,8 +79,9 @@ def lookahead_log_r(ref_logits: jax.Array, z: jax.Array) -> tuple[jax.Array, jax
     log R̄ = logsumexp(logits_ref + log σ(z)) − logsumexp(logits_ref), same with log σ(−z)."""
     ref_logits, z = ref_logits.astype(jnp.float32), z.astype(jnp.float32)
     log_norm = jax.nn.logsumexp(ref_logits, axis=-1)
-    return (jax.nn.logsumexp(ref_logits + jax.nn.log_sigmoid(z), axis=-1) - log_norm,
-            jax.nn.logsumexp(ref_logits + jax.nn.log_sigmoid(-z), axis=-1) - log_norm)
+    log_r = jax.nn.log_sigmoid(z)  # and log σ(−z) = log σ(z) − z
+    return (jax.nn.logsumexp(ref_logits + log_r, axis=-1) - log_norm,
+            jax.nn.logsumexp(ref_logits + log_r - z, axis=-1) - log_norm)
 
 
 def aux_slot_weights(labels: jax.Array, mask: jax.Array, weights: jax.Array | None = None) -> jax.Array:

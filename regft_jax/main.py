@@ -21,7 +21,6 @@ import os
 import sys
 import time
 
-import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -132,9 +131,8 @@ def run_base(config, workdir: str) -> dict:
 def run_detox(config, workdir: str) -> dict:
     import jax
 
-    from regft_jax.data.batching import MixtureBatcher
     from regft_jax.eval import evaluate_model, results_table
-    from regft_jax.train.base_model import train_lm
+    from regft_jax.train.baselines import sft_baseline
     from regft_jax.train.loop import summarize
     from regft_jax.train.schedules import run_method
 
@@ -144,11 +142,7 @@ def run_detox(config, workdir: str) -> dict:
     models, timings = {"base": base}, {}
 
     start = time.time()
-    batcher = MixtureBatcher(corpus.packed("train", config.data.seq_len), dict(m.proportions), m.batch_size,
-                             seed=config.seed + 7)
-    models["sft"], _ = train_lm(cfg, base, mesh, batcher, ml_collections.ConfigDict(
-        {"learning_rate": m.learning_rate, "weight_decay": m.weight_decay, "grad_clip": 1.0,
-         "warmup_steps": m.warmup_steps, "accum_steps": m.accum_steps}), steps=steps, desc="sft")
+    models["sft"], _ = sft_baseline(config, mesh, corpus, cfg, base, workdir=workdir)
     timings["sft"] = time.time() - start
     print(f"sft: {steps} steps in {timings['sft']:.0f}s")
 

@@ -147,6 +147,12 @@ def opt_state_shardings(optimizer, abstract_params: Any, params_shardings: Any, 
     )
 
 
+def abstract_on(tree: Any, shardings: Any) -> Any:
+    """Shapes and dtypes of `tree`'s leaves placed on `shardings` (jax.ShapeDtypeStruct leaves: a
+    restore or compilation target that allocates nothing)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def shard_tree(tree: Any, shardings: Any) -> Any:
     """Place a (host or device) pytree onto `shardings`."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)

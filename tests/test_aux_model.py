@@ -13,6 +13,7 @@ from regft_jax.models.aux import (AuxGuidance, aux_abstract_params, aux_config, 
                                   aux_logits_cached, init_aux_params)
 from regft_jax.models.aux import aux_logits as _aux_logits
 from regft_jax.train import init_train_state, make_optimizer
+from regft_jax.train import aux as train_aux
 from regft_jax.train.aux import aux_state_shardings, make_aux_step
 
 LLAMA = models.ModelConfig(vocab_size=128, hidden_size=64, num_layers=3, num_heads=8, num_kv_heads=4,
@@ -162,3 +163,25 @@ def test_aux_step_sharded_equals_single_device(llm):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-5),
                  jax.device_get(state.params), jax.device_get(single.params))
     np.testing.assert_allclose(single_m[0]["mean_R"], 0.5, atol=1e-6)  # head init: R = mean label
+
+
+def test_aux_step_window_skips_prompt_slots_exactly(llm):
+    """`sample_tokens`: the vocabulary projections run on the continuation's slots only; the step
+    (loss, metrics, updated params) is the same as over every slot, and costs fewer FLOPs."""
+    _, params = llm
+    acfg = aux_config(LLAMA, 1)
+    optimizer = make_optimizer(3e-3)
+    state = init_train_state(_random_head(init_aux_params(acfg, jax.random.key(4), mean_label=0.5,
+                                                          llm_params=params)), optimizer)
+    batch = _aux_batch()  # prompt = 4 columns, the last 8 generated
+    batch["attention_mask"] = np.ones_like(batch["tokens"])
+    batch["attention_mask"][2, :3] = 0  # a left-padded prompt
+    steps = {k: jax.jit(lambda s, p, b, k=k: train_aux.aux_step(acfg, LLAMA, optimizer, 0.5, s, p, b, sample_tokens=k))
+             for k in (None, 8)}
+    (full, m_full), (window, m_window) = (steps[k](state, params, batch) for k in (None, 8))
+    for k in m_full:
+        np.testing.assert_allclose(m_window[k], m_full[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), window.params, full.params)
+    flops = {k: fn.lower(state, params, batch).compile().cost_analysis() for k, fn in steps.items()}
+    flops = {k: (c[0] if isinstance(c, (list, tuple)) else c)["flops"] for k, c in flops.items()}
+    assert flops[8] < flops[None]

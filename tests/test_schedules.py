@@ -4,6 +4,7 @@ uninterrupted one. Also the `detox` stage of the entry point (base vs SFT vs our
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from regft_jax import models, sharding
 from regft_jax.data.pipeline import build_corpus
 from regft_jax.errors import UserInputError
 from regft_jax.oracles import make_oracle
+from regft_jax.train.baselines import sft_baseline
 from regft_jax.train.schedules import run_method
 from tests.test_pipeline import REPO, _data_config, _fixture
 
@@ -76,6 +78,36 @@ def test_resume_mid_iteration_equals_uninterrupted_run(setup, tmp_path, schedule
     config.method.lambda_toxic = 3.0
     with pytest.raises(UserInputError, match="different config"):
         run(tmp_path / "cut")
+
+
+def test_sft_baseline_checkpoints_and_resumes(setup, tmp_path, capsys):
+    tmp, tok, corpus, mesh, base, _ = setup
+    config = _config(tmp, tok)  # 12 steps, a checkpoint every 3
+    run = lambda: sft_baseline(config, mesh, corpus, CFG, base, workdir=str(tmp_path))
+    full, history = run()
+    assert len(history) == 12
+    ckpts = tmp_path / "checkpoints" / "sft"
+    assert sorted(os.listdir(ckpts)) == ["12", "9"]
+
+    # Preempted after step 9's checkpoint: steps 10-12 are redone, to the same parameters.
+    shutil.rmtree(ckpts / "12")
+    resumed, history2 = run()
+    assert "sft: resumed" in capsys.readouterr().out
+    _assert_bitwise(resumed, full)
+    assert [h["loss"] for h in history2] == [h["loss"] for h in history]
+
+    # A finished run is not rerun, also when a setting SFT does not use changed; one it uses refuses it.
+    config.method.lambda_toxic = 9.0
+    _assert_bitwise(run()[0], full)
+    assert "at step 12/12" in capsys.readouterr().out
+    config.method.learning_rate = 0.5
+    with pytest.raises(UserInputError, match="different config"):
+        run()
+    config.method.resume = False  # starts over with the new settings
+    changed, history3 = run()
+    assert len(history3) == 12 and "resumed" not in capsys.readouterr().out
+    assert sorted(os.listdir(ckpts)) == ["12", "9"]
+    assert not np.array_equal(np.asarray(jax.tree.leaves(changed)[0]), np.asarray(jax.tree.leaves(full)[0]))
 
 
 def test_detox_stage_end_to_end(tmp_path):

@@ -84,11 +84,12 @@ def _head(params: dict, h: jax.Array) -> jax.Array:
 
 
 def aux_logits(aux_cfg: ModelConfig, aux_params: dict, tokens: jax.Array,
-               attention_mask: Optional[jax.Array] = None) -> jax.Array:
+               attention_mask: Optional[jax.Array] = None, from_slot: int = 0) -> jax.Array:
     """z_φ(h) for every prefix: tokens [b, s] → [b, s, vocab] float32, slot t read tokens[:, :t+1].
-    attention_mask [b, s] (1 = real token) supports left padding, as in `core.forward`."""
+    attention_mask [b, s] (1 = real token) supports left padding, as in `core.forward`;
+    from_slot (static): z of slots from_slot.. only, [b, s − from_slot, vocab]."""
     h, _ = hidden_states(aux_cfg, aux_params["trunk"], tokens, attention_mask=attention_mask)
-    return _head(aux_params, h)
+    return _head(aux_params, h[:, from_slot:])
 
 
 def aux_logits_cached(aux_cfg: ModelConfig, aux_params: dict, tokens: jax.Array, cache: dict,

@@ -86,10 +86,12 @@ def hidden_states(cfg: ModelConfig, params: Params, input_ids: jax.Array, *,
 def forward(cfg: ModelConfig, params: Params, input_ids: jax.Array, *,
             attention_mask: Optional[jax.Array] = None,
             positions: Optional[jax.Array] = None,
-            return_hidden: bool = False):
-    """Full causal forward. input_ids [b, s] → logits [b, s, vocab] float32 (see `hidden_states`)."""
+            return_hidden: bool = False, from_slot: int = 0):
+    """Full causal forward. input_ids [b, s] → logits [b, s, vocab] float32 (see `hidden_states`).
+    from_slot (static): logits of slots from_slot.. only, [b, s − from_slot, vocab] (the vocabulary
+    projection skips the slots before; every token is still attended)."""
     h, model = hidden_states(cfg, params, input_ids, attention_mask=attention_mask, positions=positions)
-    logits = model.logits(h)
+    logits = model.logits(h[:, from_slot:])
     return (logits, h) if return_hidden else logits
 
 

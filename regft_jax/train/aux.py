@@ -26,11 +26,20 @@ from regft_jax.train.steps import TrainState, accumulated_value_and_grad, guarde
 
 
 def aux_objective(aux_cfg: ModelConfig, aux_params: dict, batch: dict, ref_logits: jax.Array,
-                  beta: float) -> tuple[jax.Array, dict]:
-    """L_aux of `batch` given the reference LLM's logits on the same tokens ([b, s, V])."""
-    z = aux_logits(aux_cfg, aux_params, batch["tokens"], batch.get("attention_mask"))
-    return aux_loss(z, batch["tokens"], batch["label"], batch["loss_mask"], ref_logits, beta=beta,
-                    weights=batch.get("weight"))
+                  beta: float, from_slot: int = 0) -> tuple[jax.Array, dict]:
+    """L_aux of `batch` given the reference LLM's logits on the same tokens ([b, s − from_slot, V]):
+    both are taken from slot `from_slot` on, which leaves the loss unchanged when no target lies
+    at or before it (loss_mask[:, :from_slot + 1] = 0, see `sample_window`)."""
+    z = aux_logits(aux_cfg, aux_params, batch["tokens"], batch.get("attention_mask"), from_slot=from_slot)
+    return aux_loss(z, batch["tokens"][:, from_slot:], batch["label"], batch["loss_mask"][:, from_slot:],
+                    ref_logits, beta=beta, weights=batch.get("weight"))
+
+
+def sample_window(batch: dict, sample_tokens: Optional[int]) -> int:
+    """The first slot whose z the loss reads, for samples = left-padded prompt + the last
+    `sample_tokens` columns generated (None: every slot, 0). Slots before it only feed attention,
+    so the two vocabulary projections (aux head, p_ref's LM head) skip them."""
+    return 0 if sample_tokens is None else max(batch["tokens"].shape[1] - sample_tokens - 1, 0)
 
 
 def aux_target_weight(batch: dict) -> jax.Array:
@@ -39,14 +48,17 @@ def aux_target_weight(batch: dict) -> jax.Array:
 
 
 def aux_step(aux_cfg: ModelConfig, llm_cfg: ModelConfig, optimizer: optax.GradientTransformation, beta: float,
-             state: TrainState, ref_params: Any, batch: dict, accum_steps: int = 1) -> tuple[TrainState, dict]:
+             state: TrainState, ref_params: Any, batch: dict, accum_steps: int = 1,
+             sample_tokens: Optional[int] = None) -> tuple[TrainState, dict]:
     """One optimizer step of the auxiliary model; p_ref = the frozen LLM `ref_params`. The gradient is
-    accumulated over `accum_steps` microbatches (exact: see `aux_target_weight`)."""
+    accumulated over `accum_steps` microbatches (exact: see `aux_target_weight`). `sample_tokens`:
+    the batch's last columns that are generated, the rest a prompt without targets (`sample_window`)."""
+    start = sample_window(batch, sample_tokens)
 
     def objective(params, batch):
-        ref_logits = jax.lax.stop_gradient(
-            forward(llm_cfg, ref_params, batch["tokens"], attention_mask=batch.get("attention_mask")))
-        return aux_objective(aux_cfg, params, batch, ref_logits, beta)
+        ref_logits = jax.lax.stop_gradient(forward(llm_cfg, ref_params, batch["tokens"],
+                                                   attention_mask=batch.get("attention_mask"), from_slot=start))
+        return aux_objective(aux_cfg, params, batch, ref_logits, beta, start)
 
     (loss, metrics), grads = accumulated_value_and_grad(objective, state.params, batch, accum_steps,
                                                         aux_target_weight)
@@ -62,11 +74,13 @@ def aux_state_shardings(mesh, aux_cfg: ModelConfig, optimizer, rules=None) -> Tr
 
 
 def make_aux_step(aux_cfg: ModelConfig, llm_cfg: ModelConfig, optimizer, beta: float, *, mesh=None,
-                  batch_example: Optional[dict] = None, rules=None, donate: bool = True, accum_steps: int = 1):
+                  batch_example: Optional[dict] = None, rules=None, donate: bool = True, accum_steps: int = 1,
+                  sample_tokens: Optional[int] = None):
     """`aux_step` jitted as fn(state, ref_params, batch) -> (state, metrics), the state donated.
     With a mesh: explicit shardings (state per `aux_state_shardings`, ref params per the LLM's
     logical axes, batch over the data axes; `batch_example` gives the batch's keys and ranks)."""
-    step = functools.partial(aux_step, aux_cfg, llm_cfg, optimizer, beta, accum_steps=accum_steps)
+    step = functools.partial(aux_step, aux_cfg, llm_cfg, optimizer, beta, accum_steps=accum_steps,
+                             sample_tokens=sample_tokens)
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(step, donate_argnums=donate_argnums)

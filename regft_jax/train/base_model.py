@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import jax
 
@@ -22,24 +23,42 @@ from regft_jax.data.batching import MixtureBatcher
 from regft_jax.data.offline import default_cache_dir
 from regft_jax.data.pipeline import Corpus
 from regft_jax.models.factory import model_from_config
+from regft_jax.sharding import abstract_on
 from regft_jax.train.loop import global_batches, run_steps, summarize
 from regft_jax.train.steps import init_train_state, jit_sharded, make_optimizer, sft_step, train_state_shardings
 
 CACHE_VERSION = 1
 
 
-def train_lm(cfg, params, mesh, batcher: MixtureBatcher, optim, *, steps: int, desc: str):
+def train_lm(cfg, params, mesh, batcher: MixtureBatcher, optim, *, steps: int, desc: str,
+             ckpt: Optional[checkpoint.RunCheckpointer] = None, every: int = 0):
     """Plain LM training (SFT) of `params` for `steps` steps on `batcher`'s mixture.
-    Returns (params, history). `params` is not modified (the state holds a copy)."""
+    Returns (params, history). `params` is not modified (the state holds a copy).
+
+    With `ckpt`: the state is checkpointed every `every` steps and at the end, and training
+    continues from the latest checkpoint there (batches are a function of the step, so a resumed
+    run ends with the same parameters as an uninterrupted one)."""
     optimizer = make_optimizer(optim.learning_rate, weight_decay=optim.weight_decay, grad_clip=optim.grad_clip,
                                warmup_steps=optim.warmup_steps, total_steps=steps)
     state_sh = train_state_shardings(mesh, cfg, optimizer)
-    state = jax.jit(functools.partial(init_train_state, optimizer=optimizer), out_shardings=state_sh)(params)
+    init = jax.jit(functools.partial(init_train_state, optimizer=optimizer), out_shardings=state_sh)
     batches = global_batches(batcher, mesh)
     step = jit_sharded(functools.partial(sft_step, cfg, optimizer, accum_steps=optim.get("accum_steps", 1)), mesh,
                        state_sh, batches(0))
-    state, history = run_steps(step, state, batches, steps=steps, desc=desc)
-    return state.params, history
+    start, done, save = 0, [], None
+    latest = ckpt.latest_step() if ckpt is not None else None
+    if latest is not None:
+        meta = ckpt.restore_meta(latest)
+        state = ckpt.restore_state(latest, abstract_on(jax.eval_shape(init, params), state_sh))
+        start, done = meta["step"], meta["history"]
+        print(f"{desc}: resumed from {ckpt.directory} at step {start}/{steps}", flush=True)
+    else:
+        state = init(params)
+    if ckpt is not None:
+        save = lambda i, state, history: ckpt.save(i, state, {"step": i, "history": done + history})
+    state, history = run_steps(step, state, batches, steps=steps, desc=desc, start=start, save=save,
+                               save_every=every)
+    return state.params, done + history
 
 
 def _cache_key(config, vocab_size: int) -> str:

@@ -1,6 +1,6 @@
 """A host-side training loop around a pure, jitted step: batches in, progress bar, metrics out.
 
-    state, history = run_steps(step, state, batches, steps=300, desc="base", mesh=mesh)
+    state, history = run_steps(step, state, batches, steps=300, desc="base")
 
 `batches(step) -> dict of numpy arrays` gives this process's rows of global batch `step`
 (see `global_batches`); the loop assembles global arrays, calls the step, and keeps the
@@ -45,13 +45,18 @@ def global_batches(batcher: MixtureBatcher, mesh, keys: Iterable[str] = ("tokens
 
 
 def run_steps(step_fn: Callable, state, batches: Callable[[int], dict], *, steps: int, desc: str,
-              start: int = 0, max_skipped: int = 10) -> tuple[object, list[dict]]:
-    """Run `steps` steps from step index `start`; returns (state, per-step metrics as floats).
+              start: int = 0, max_skipped: int = 10, save: Optional[Callable] = None,
+              save_every: int = 0) -> tuple[object, list[dict]]:
+    """Run steps start..steps−1 (`steps` is the total, `start` the first step index); returns
+    (state, per-step metrics as floats of the steps run).
 
     Throughput ("tokens_per_s", from a "tokens" metric) excludes the first (compiling) step.
+    save(step, state, history): called every `save_every` steps and after the last one, with the
+    metrics of the steps run so far (a checkpoint; it must copy the state, which is donated next).
     """
     pending, history = [], []
-    bar = tqdm(range(start, start + steps), desc=desc, disable=not sys.stderr.isatty(), leave=False)
+    bar = tqdm(range(start, steps), desc=desc, disable=not sys.stderr.isatty(), leave=False,
+               initial=start, total=steps)
     first_done, skipped = None, 0
     for i in bar:
         state, metrics = step_fn(state, batches(i))
@@ -59,7 +64,8 @@ def run_steps(step_fn: Callable, state, batches: Callable[[int], dict], *, steps
         if i == start:
             jax.block_until_ready(metrics)
             first_done = time.perf_counter()
-        if len(pending) >= 8 or i == start + steps - 1:  # fetch in groups: no per-step sync
+        saving = save is not None and ((save_every and (i + 1) % save_every == 0) or i == steps - 1)
+        if len(pending) >= 8 or i == steps - 1 or saving:  # fetch in groups: no per-step sync
             for m in jax.device_get(pending):
                 history.append({k: float(np.asarray(v)) for k, v in m.items()})
                 bad = history[-1].get("skipped", 0.0) > 0 or not math.isfinite(history[-1].get("loss", 0.0))
@@ -70,9 +76,11 @@ def run_steps(step_fn: Callable, state, batches: Callable[[int], dict], *, steps
                         f"(last: step {start + len(history) - 1}); stopping, nothing of these steps is saved")
             pending = []
             bar.set_postfix(loss=f"{history[-1].get('loss', float('nan')):.3f}")
+        if saving:
+            save(i + 1, state, history)
     jax.block_until_ready(state)
     elapsed = time.perf_counter() - first_done if first_done else float("nan")
-    if steps > 1 and history and "tokens" in history[0]:
+    if len(history) > 1 and "tokens" in history[0]:
         tokens = sum(h["tokens"] for h in history[1:])
         history[-1]["tokens_per_s"] = tokens / max(elapsed, 1e-9)
     return state, history

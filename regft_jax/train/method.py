@@ -49,6 +49,7 @@ class MethodSpec:
     need them. None: on every row.
     accum_steps: microbatches per step (`accumulated_value_and_grad`, strided rows), for the LLM's
     and, in `joint_step`, the auxiliary model's update; it must divide every domain's row count.
+    sample_tokens: the generated columns at the end of each sample row (`aux_step`); None: any column.
     """
 
     kinds: tuple[str, ...]
@@ -57,6 +58,7 @@ class MethodSpec:
     beta: float = 1.0
     domain_rows: Optional[tuple[int, ...]] = None
     accum_steps: int = 1
+    sample_tokens: Optional[int] = None
 
     def __post_init__(self):
         if self.accum_steps < 1 or any(n % self.accum_steps for n in self.domain_rows or ()):
@@ -76,7 +78,8 @@ class MethodSpec:
         kinds, lambdas = domain_regularizers(method.adaptive, toxic, method.lambda_toxic, method.lambda_keep)
         return cls(kinds, tuple(float(x) for x in lambdas), method.p_ref, float(method.beta),
                    None if domain_rows is None else tuple(int(n) for n in domain_rows),
-                   int(method.get("accum_steps", 1)))
+                   int(method.get("accum_steps", 1)),
+                   None if method.get("sample_tokens") is None else int(method.sample_tokens))
 
     def rows(self, kind: str, batch: int) -> tuple[int, int]:
         """The (static) row range covering every row whose domain uses regularizer `kind`."""
@@ -141,7 +144,7 @@ def joint_step(llm_cfg, aux_cfg, spec: MethodSpec, llm_opt, aux_opt, llm_state: 
     new_llm, llm_metrics = llm_step(llm_cfg, aux_cfg, spec, llm_opt, llm_state, aux_state.params, frozen,
                                     corpus_batch)
     new_aux, aux_metrics = aux_step(aux_cfg, llm_cfg, aux_opt, spec.beta, aux_state, ref, sample_batch,
-                                    spec.accum_steps)
+                                    spec.accum_steps, spec.sample_tokens)
     metrics = {**{f"llm/{k}": v for k, v in llm_metrics.items()}, **{f"aux/{k}": v for k, v in aux_metrics.items()}}
     return new_llm, new_aux, metrics
 

@@ -16,8 +16,9 @@ continuation (`"full"`).
 
 Checkpoints (`<workdir>/checkpoints/<name>/`, every `method.checkpoint_every` LLM steps and at the
 end) hold both train states, the snapshot, the sample buffers and the schedule position; a run
-started again in the same work directory resumes from the latest one (`method.resume`) and
-reaches the same parameters as an uninterrupted run.
+started again in the same work directory resumes from the latest one and reaches the same
+parameters as an uninterrupted run (`method.resume=False`: the checkpoints are deleted, the run
+starts over).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from regft_jax.data.batching import MixtureBatcher
 from regft_jax.data.pipeline import Corpus
 from regft_jax.config_utils import require
 from regft_jax.models.aux import aux_config, init_aux_params
+from regft_jax.sharding import abstract_on
 from regft_jax.train.aux import aux_state_shardings, make_aux_step
 from regft_jax.train.loop import NonFiniteLossError, global_batches
 from regft_jax.train.method import P_REF, Frozen, MethodSpec, make_joint_step, make_llm_step
@@ -99,10 +101,11 @@ class Sampler:
         tok = corpus.tokenizer
         texts = [" ".join(e.text.split()[:prompt_words]) for d in method.sample_domains for e in corpus.train[d]]
         ids = tok.encode_batch(texts, add_bos=tok.bos_id is not None)
-        # One padded prompt length for every sample batch (one compilation): the 99th percentile,
-        # so a few pathological prompts (a 6-"word" URL can be 200 tokens) do not pad all the rest;
-        # longer prompts keep their last tokens.
-        self.prompt_len = sampling.bucket(int(np.percentile([len(i) for i in ids], 99)), 8)
+        # One padded prompt length for every sample batch (one compilation): the 95th percentile,
+        # so the few long prompts (a 6-"word" URL can be 200 tokens) do not pad all the rest (the
+        # sampler and the auxiliary update read every padded column); longer prompts keep their
+        # last tokens. A multiple of 8 (the sampler compiles for this one length).
+        self.prompt_len = 8 * -(-int(np.percentile([len(i) for i in ids], 95)) // 8)
         self.prompts = [i[-self.prompt_len:] for i in ids]
         self.fn = sampling.make_sampler(cfg, mesh, max_new_tokens=method.sample_tokens,
                                         use_top_p=method.sample_top_p < 1, eos_id=tok.eos_id, pad_id=tok.pad_id or 0)
@@ -140,11 +143,6 @@ def _copy(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
-def _abstract(tree, shardings):
-    """Shapes and dtypes of `tree`'s leaves placed on `shardings` (a restore target)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 class MetricsWriter:
     """Per-step metrics to <workdir>/metrics_<name>.jsonl and TensorBoard (<workdir>/tb/<name>),
     process 0 only. `history`: metrics of steps already done (a resumed run) written first."""
@@ -171,12 +169,14 @@ class MetricsWriter:
 RESUME_NEUTRAL = ("resume", "checkpoint_every")  # method keys that may change between a run and its resume
 
 
-def run_fingerprint(config, name: str) -> str:
+def run_fingerprint(config, name: str, method_keys=None) -> str:
     """What a checkpoint must agree on to be resumed: everything that determines the run's results
-    (not the mesh: a run may resume on another topology; orbax reshards)."""
+    (not the mesh: a run may resume on another topology; orbax reshards). method_keys: the
+    `config.method` keys the run depends on (default: all but `RESUME_NEUTRAL`)."""
+    method = {k: v for k, v in config.method.to_dict().items()
+              if (k in method_keys if method_keys is not None else k not in RESUME_NEUTRAL)}
     parts = {"name": name, "seed": config.seed, "model": config.model.to_dict(), "data": config.data.to_dict(),
-             "base": config.base.to_dict(),
-             "method": {k: v for k, v in config.method.to_dict().items() if k not in RESUME_NEUTRAL}}
+             "base": config.base.to_dict(), "method": method}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -253,6 +253,7 @@ class MethodRun:
                                         fingerprint=run_fingerprint(config, desc))
         self.every = method.checkpoint_every if method.checkpoint_every > 0 else self.num_steps
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="labeler")
+        self.compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compiler")
         self.start = time.time()
         self.run = self._initial_state(base_params)
         self.writer = MetricsWriter(workdir, desc, self.run.history)
@@ -261,7 +262,8 @@ class MethodRun:
         self.last_record = time.time()
 
     def _initial_state(self, base_params) -> RunState:
-        """A fresh start (bootstrap samples from the base model), or the latest checkpoint."""
+        """A fresh start (bootstrap samples from the base model), or the latest checkpoint. The
+        schedule's steps compile in a background thread meanwhile (`self.steps`)."""
         method, mesh = self.method, self.mesh
         llm_sh = train_state_shardings(mesh, self.cfg, self.llm_opt)
         aux_sh = aux_state_shardings(mesh, self.acfg, self.aux_opt)
@@ -272,13 +274,17 @@ class MethodRun:
             static_argnums=1)
         anchor = base_params if self.spec.needs_anchor else None
         snapshot = self.spec.p_ref == "snapshot"
+        like = RunState(llm=abstract_on(jax.eval_shape(init_llm, base_params), llm_sh),
+                        aux=abstract_on(jax.eval_shape(init_aux, base_params, 0.5), aux_sh),
+                        frozen=Frozen(anchor, abstract_on(base_params, llm_sh.params) if snapshot else None),
+                        samples=None)
+        self.steps = self.compiler.submit(self._compile_steps, like, self.batches(0), Samples.empty(
+            method.sample_batch_size, self.sampler.prompt_len + method.sample_tokens, 0).arrays())
 
-        resume_step = self.ckpt.latest_step() if self.ckpt is not None and method.resume else None
+        if self.ckpt is not None and not method.resume:
+            self.ckpt.delete_all()
+        resume_step = self.ckpt.latest_step() if self.ckpt is not None else None
         if resume_step is not None:  # restore onto abstract targets: no second copy of any state
-            like = RunState(llm=_abstract(jax.eval_shape(init_llm, base_params), llm_sh),
-                            aux=_abstract(jax.eval_shape(init_aux, base_params, 0.5), aux_sh),
-                            frozen=Frozen(anchor, _abstract(base_params, llm_sh.params) if snapshot else None),
-                            samples=None)
             run = restore_run(self.ckpt, resume_step, like)
             print(f"{self.desc}: resumed from {self.ckpt.directory} at LLM step {run.step}/{self.num_steps}",
                   flush=True)
@@ -287,6 +293,21 @@ class MethodRun:
         mean_label = float(np.nanmean(samples.label)) if np.isfinite(samples.label).any() else 0.5
         return RunState(llm=init_llm(base_params), aux=init_aux(base_params, mean_label),
                         frozen=Frozen(anchor, _copy(base_params) if snapshot else None), samples=samples)
+
+    def _compile_steps(self, like: RunState, corpus_batch: dict, sample_batch: dict) -> dict:
+        """The schedule's jitted steps, compiled ahead of time for `like`'s shapes and shardings
+        (in a thread, overlapping the bootstrap sample or the restore)."""
+        spec, mesh = self.spec, self.mesh
+        if self.method.schedule == "parallel":
+            joint = make_joint_step(self.cfg, self.acfg, spec, self.llm_opt, self.aux_opt, mesh, like.frozen,
+                                    corpus_batch, sample_batch)
+            return {"joint": joint.lower(like.llm, like.aux, like.frozen, corpus_batch, sample_batch).compile()}
+        llm_fn = make_llm_step(self.cfg, self.acfg, spec, self.llm_opt, self.aux_opt, mesh, like.frozen,
+                               corpus_batch)
+        aux_fn = make_aux_step(self.acfg, self.cfg, self.aux_opt, spec.beta, mesh=mesh, batch_example=sample_batch,
+                               accum_steps=spec.accum_steps, sample_tokens=spec.sample_tokens)
+        return {"llm": llm_fn.lower(like.llm, like.aux.params, like.frozen, corpus_batch).compile(),
+                "aux": aux_fn.lower(like.aux, like.llm.params, sample_batch).compile()}
 
     # -- logging and checkpoints
 
@@ -336,8 +357,7 @@ class MethodRun:
 
     def parallel(self) -> None:
         run, spec, per_iteration = self.run, self.spec, self.method.llm_steps
-        joint = make_joint_step(self.cfg, self.acfg, spec, self.llm_opt, self.aux_opt, self.mesh, run.frozen,
-                                self.batches(0), self.sample_batch(run.samples, 0))
+        joint = self.steps.result()["joint"]
         for it in range(run.step // per_iteration + 1, self.method.iterations + 1):
             first = run.step - (it - 1) * per_iteration
             if first == 0 and spec.p_ref == "snapshot":  # ref ← θ_{t-1}: what R is trained against this iteration
@@ -368,10 +388,8 @@ class MethodRun:
 
     def sequential(self) -> None:
         run, spec, per_iteration = self.run, self.spec, self.method.llm_steps
-        llm_fn = make_llm_step(self.cfg, self.acfg, spec, self.llm_opt, self.aux_opt, self.mesh, run.frozen,
-                               self.batches(0))
-        aux_fn = make_aux_step(self.acfg, self.cfg, self.aux_opt, spec.beta, mesh=self.mesh,
-                               batch_example=self.sample_batch(run.samples, 0), accum_steps=spec.accum_steps)
+        steps = self.steps.result()
+        llm_fn, aux_fn = steps["llm"], steps["aux"]
         for it in range(run.step // per_iteration + 1, self.method.iterations + 1):
             first = run.step - (it - 1) * per_iteration
             extra = {"iteration": it, "sample_lag": 0}
@@ -408,6 +426,7 @@ class MethodRun:
             self.bar.close()
             self.writer.close()
             self.pool.shutdown()
+            self.compiler.shutdown()
             if self.ckpt is not None:
                 self.ckpt.close()
         run = self.run
