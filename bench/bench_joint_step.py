@@ -130,7 +130,8 @@ def main(argv=None):
               f"aux {acfg.num_layers} layer(s); corpus batch {b}x{s} ({n_general} general rows), sample batch "
               f"{n}x{t}; " + machine())
     table = "\n".join(lines)
-    report("Joint step vs SFT step", "bench_joint_step.py", argv, header, table, args.write)
+    title = "Joint step vs SFT step" + (", Llama-2-7B shapes, FLOPs only" if args.arch == "llama2-7b" else "")
+    report(title, "bench_joint_step.py", argv, header, table, args.write)
 
 
 if __name__ == "__main__":

@@ -278,12 +278,13 @@ class MethodRun:
                         aux=abstract_on(jax.eval_shape(init_aux, base_params, 0.5), aux_sh),
                         frozen=Frozen(anchor, abstract_on(base_params, llm_sh.params) if snapshot else None),
                         samples=None)
-        self.steps = self.compiler.submit(self._compile_steps, like, self.batches(0), Samples.empty(
-            method.sample_batch_size, self.sampler.prompt_len + method.sample_tokens, 0).arrays())
-
         if self.ckpt is not None and not method.resume:
             self.ckpt.delete_all()
         resume_step = self.ckpt.latest_step() if self.ckpt is not None else None
+        if resume_step is not None:
+            self.ckpt.restore_meta(resume_step)  # a checkpoint of another config is refused before compiling
+        self.steps = self.compiler.submit(self._compile_steps, like, self.batches(0), Samples.empty(
+            method.sample_batch_size, self.sampler.prompt_len + method.sample_tokens, 0).arrays())
         if resume_step is not None:  # restore onto abstract targets: no second copy of any state
             run = restore_run(self.ckpt, resume_step, like)
             print(f"{self.desc}: resumed from {self.ckpt.directory} at LLM step {run.step}/{self.num_steps}",
