@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
         "lambda_toxic": 4.0, "lambda_keep": 1.0, "beta": 1.0,
         "aux_layers": 1, "aux_init": "llm",  # auxiliary model: depth; trunk from the LLM's first layers | fresh
         "learning_rate": 1e-3, "aux_learning_rate": 1e-3, "weight_decay": 0.0, "warmup_steps": 10,
-        "iterations": 6, "llm_steps": 40, "aux_steps": 40,  # aux_steps: sequential schedule only
+        "iterations": 4, "llm_steps": 60, "aux_steps": 40,  # aux_steps: sequential schedule only
         "batch_size": 16, "proportions": {"general": 0.6, "toxic": 0.4},
         "accum_steps": 1,  # gradient accumulation: microbatches per step (divides every domain's rows)
         "sample_domains": ("toxic",), "samples_per_iteration": 256, "sample_batch_size": 8,
@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
         "label_text": "continuation",  # what the oracle labels: continuation | full (prompt + continuation)
         # Checkpoints of both models + schedule state every N LLM steps (0: none) under
         # <workdir>/checkpoints/ours; a run started again in the same workdir resumes from the latest.
-        "checkpoint_every": 40, "resume": True})
+        "checkpoint_every": 60, "resume": True})
 
     # Evaluation: continue held-out prompts, score continuations with the oracle.
     c.eval = ml_collections.ConfigDict({
