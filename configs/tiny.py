@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
         "sample_tokens": 32, "sample_temperature": 1.0, "sample_top_p": 1.0,
         "label_text": "continuation",  # what the oracle labels: continuation | full (prompt + continuation)
         # Checkpoints of both models + schedule state every N LLM steps (0: none) under
-        # <workdir>/checkpoints/ours; a run started again in the same workdir resumes from the latest.
+        # <workdir>/checkpoints/{sft,ours}; a run started again in the same workdir resumes from the latest.
         "checkpoint_every": 60, "resume": True})
 
     # Evaluation: continue held-out prompts, score continuations with the oracle.
