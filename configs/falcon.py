@@ -1,6 +1,7 @@
 """Falcon-7B from a local HF checkpoint, FSDP over all devices, bf16.
 
-    python -m regft_jax.main --config=configs/falcon.py --config.model.path=/models/falcon-7b
+    python -m regft_jax.main --config=configs/falcon.py --config.model.path=/models/falcon-7b \
+        --config.data.tokenizer=/models/falcon-7b
 """
 
 import ml_collections

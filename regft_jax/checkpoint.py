@@ -56,7 +56,7 @@ def load_model(path: str, *, mesh=None, rules=None, **runtime) -> tuple[ModelCon
     mesh = mesh if mesh is not None else shd.make_mesh()
     abstract = abstract_params(cfg)
     shardings = shd.param_shardings(mesh, param_logical_axes(cfg), abstract, rules)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    target = shd.abstract_on(abstract, shardings)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(path, PARAMS_DIR), target)
     return cfg, params
@@ -68,7 +68,7 @@ class RunCheckpointer:
         ckpt = RunCheckpointer(dir, fingerprint=hash_of_config)
         step = ckpt.latest_step()                    # None: nothing saved yet
         meta = ckpt.restore_meta(step)
-        state = ckpt.restore_state(step, target)     # target: a pytree like the saved one
+        state = ckpt.restore_state(step, target)     # target: abstract arrays like the saved ones
         ckpt.save(step, state, meta)                 # asynchronous write; keeps the last 2
 
     Saving copies device arrays to the host before returning, so the caller may donate them
@@ -102,11 +102,9 @@ class RunCheckpointer:
         return meta
 
     def restore_state(self, step: int, target: Any) -> Any:
-        """Arrays restored onto the shardings of `target`'s jax.Array leaves (numpy leaves: host)."""
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x,
-            target)
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+        """Arrays restored like `target`'s leaves: jax.ShapeDtypeStructs with shardings
+        (`sharding.abstract_on`; nothing allocated before) onto those shardings, numpy arrays on the host."""
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -61,6 +61,8 @@ class MethodSpec:
     sample_tokens: Optional[int] = None
 
     def __post_init__(self):
+        if self.p_ref not in P_REF:
+            raise UserInputError(f"config.method.p_ref={self.p_ref!r}: expected one of {P_REF}")
         if self.accum_steps < 1 or any(n % self.accum_steps for n in self.domain_rows or ()):
             raise UserInputError(f"config.method.accum_steps={self.accum_steps}: must be ≥ 1 and divide the "
                                  f"rows of every domain in a batch {self.domain_rows}")
@@ -73,8 +75,6 @@ class MethodSpec:
 
     @classmethod
     def from_config(cls, method, toxic: tuple[bool, ...], domain_rows=None) -> "MethodSpec":
-        if method.p_ref not in P_REF:
-            raise UserInputError(f"config.method.p_ref={method.p_ref!r}: expected one of {P_REF}")
         kinds, lambdas = domain_regularizers(method.adaptive, toxic, method.lambda_toxic, method.lambda_keep)
         return cls(kinds, tuple(float(x) for x in lambdas), method.p_ref, float(method.beta),
                    None if domain_rows is None else tuple(int(n) for n in domain_rows),
