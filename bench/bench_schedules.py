@@ -34,8 +34,7 @@ def main(argv=None):
 
     from regft_jax import sharding
     from regft_jax.data.pipeline import build_corpus
-    from regft_jax.eval import evaluate_model
-    from regft_jax.oracles import make_oracle
+    from regft_jax.eval import evaluate_model, training_oracle
     from regft_jax.train.base_model import base_model
     from regft_jax.train.baselines import sft_baseline
     from regft_jax.train.schedules import run_method
@@ -46,7 +45,7 @@ def main(argv=None):
     mesh = sharding.make_mesh(dict(config.mesh))
     corpus = build_corpus(config.data, seed=config.seed)
     cfg, base, _ = base_model(config, mesh, corpus)
-    oracle = make_oracle(config.eval.oracle, **config.eval.oracle_args.to_dict())
+    oracle = training_oracle(config, corpus)  # config.method.oracle; the table reports its toxicity
     steps = m.iterations * m.llm_steps
 
     def sft():
@@ -77,13 +76,14 @@ def main(argv=None):
 
     sft_total, sft_steady = runs["SFT"][1], runs["SFT"][2]
     lines = ["| run | wall s | / SFT | steady-state s (per 240 steps) | / SFT | waited for oracle s | "
-             f"toxicity ({config.data.toxic_domain} prompts) | ppl general |",
+             f"toxicity ({m.oracle}, {config.data.toxic_domain} prompts) | ppl general |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, (params, total, steady, wait) in runs.items():
-        metrics, _ = evaluate_model(name, cfg, params, corpus, oracle, config.eval, seq_len=config.data.seq_len,
-                                    mesh=mesh, seed=config.seed)
+        metrics, _ = evaluate_model(name, cfg, params, corpus, {m.oracle: oracle}, config.eval, seq_len=config.data.seq_len,
+                                    mesh=mesh, seed=config.seed,
+                                    document_attention=config.data.document_attention)
         lines.append(f"| {name} | {total:.1f} | {total / sft_total:.2f}x | {steady:.1f} | {steady / sft_steady:.2f}x "
-                     f"| {wait:.1f} | {100 * metrics[f'toxicity_{config.data.toxic_domain}']:.1f}% "
+                     f"| {wait:.1f} | {100 * metrics[f'toxicity_{m.oracle}_{config.data.toxic_domain}']:.1f}% "
                      f"| {metrics['ppl_general']:.1f} |")
     lines[0] = lines[0].replace("per 240 steps", f"per {steps} steps")
     header = (f"median of {args.repeats} interleaved runs of SFT and of the parallel schedule; {steps} LLM steps ({m.iterations} iterations x {m.llm_steps}), batch {m.batch_size}x"

@@ -28,6 +28,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.update({"aux_layers": 8, "learning_rate": 1e-5, "aux_learning_rate": 1e-4, "batch_size": 32,
                      "sample_tokens": 64, "samples_per_iteration": 512, "sample_batch_size": 16,
                      "iterations": 10, "llm_steps": 100, "checkpoint_every": 100})
+    # Oracles (keys as in configs/tiny.py): method.oracle labels the method's samples; every model is judged
+    # by each of eval.oracles. A local ToxiGen RoBERTa (the paper's judge) as an extra eval oracle:
+    #   --config.eval.oracles=profanity,insult_classifier,hf_classifier \
+    #   "--config.eval.oracle_args={'hf_classifier': {'model_dir': '/models/toxigen_roberta'}}"
+    # or as the training oracle: --config.method.oracle=hf_classifier "--config.method.oracle_args={'model_dir': ...}".
+    c.method.oracle = "profanity"
+    c.eval.oracles = "profanity,insult_classifier"
     c.eval.batch_size = 128
     c.optim.learning_rate = 1e-5
     c.train = ml_collections.ConfigDict({"steps": 100, "batch_size": 32, "seq_len": 1024})

@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = ""  # an HF tokenizer directory; empty: train a BPE on the offline corpus
     c.data.vocab_size = 4096
     c.data.seq_len = 64
+    c.data.document_attention = True  # packed rows: attention and RoPE stay within each document
     c.data.valid_fraction = 0.05
     c.data.num_prompts = ml_collections.ConfigDict({"toxic": 300, "general": 100})  # held-out eval prompts
     c.data.prompt_words = 6  # a prompt is the first words of a held-out example
@@ -61,13 +62,29 @@ def get_config() -> ml_collections.ConfigDict:
         "sample_domains": ("toxic",), "samples_per_iteration": 256, "sample_batch_size": 8,
         "sample_tokens": 32, "sample_temperature": 1.0, "sample_top_p": 1.0,
         "label_text": "continuation",  # what the oracle labels: continuation | full (prompt + continuation)
+        "importance_weights": True,  # weight samples by p_ref(y)/proposal(y) in the aux loss (self-normalized)
+        # Where Ω_tox applies: corpus (its domain's corpus positions) | samples (prefixes of the sampled
+        # continuations, weight lambda_samples) | both
+        "reg_prefixes": "samples", "lambda_samples": 4.0,
         # Checkpoints of both models + schedule state every N LLM steps (0: none) under
         # <workdir>/checkpoints/{sft,ours}; a run started again in the same workdir resumes from the latest.
         "checkpoint_every": 60, "resume": True})
 
-    # Evaluation: continue held-out prompts, score continuations with the oracle.
+    # The training oracle: labels the method's samples (any name of regft_jax.oracles.available_oracles(),
+    # keyword arguments in oracle_args, e.g.
+    # --config.method.oracle=regex "--config.method.oracle_args={'words': ['idiot']}").
+    c.method.oracle = "profanity"
+    c.method.oracle_args = ml_collections.ConfigDict()
+
+    # Evaluation: continue held-out prompts once, score the continuations with every eval oracle.
+    # oracles: comma-separated names. A name equal to method.oracle without its own oracle_args
+    # entry is the training oracle itself; insult_classifier is an independent judge (char n-gram logistic
+    # regression fitted on the toxic domain's training split; cached under data.cache_dir).
+    # oracle_args: per eval oracle, {name: {kwarg: value}}, e.g. "{'insult_classifier': {'C': 1.0}}".
+    # min_scored_fraction: an oracle that scores fewer of a domain's continuations (NaN = failure) stops the run.
     c.eval = ml_collections.ConfigDict({
-        "oracle": "profanity", "oracle_args": {}, "threshold": 0.5, "max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9,
+        "oracles": "profanity,insult_classifier", "oracle_args": ml_collections.ConfigDict(),
+        "min_scored_fraction": 0.9, "threshold": 0.5, "max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9,
         "batch_size": 64})
 
     # The `smoke` stage (synthetic tokens) uses these.

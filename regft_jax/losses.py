@@ -84,6 +84,25 @@ def lookahead_log_r(ref_logits: jax.Array, z: jax.Array) -> tuple[jax.Array, jax
             jax.nn.logsumexp(ref_logits + log_r - z, axis=-1) - log_norm)
 
 
+def sequence_log_prob(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """log p(y) = Σ_t m_t log softmax(logits[:, t−1])[tokens[:, t]] per row [b]: the log-probability of
+    the tokens marked by `mask` (unshifted inputs, like `aux_loss`: logits at slot t are read after
+    tokens[:, :t+1])."""
+    m = mask[:, 1:].astype(jnp.float32)
+    return -(token_cross_entropy(logits[:, :-1], tokens[:, 1:]) * m).sum(-1)
+
+
+MAX_LOG_WEIGHT = 60.0  # |log w| beyond this is clipped (exp(60) ≈ 1e26 keeps float32 sums finite)
+
+
+def importance_weights(ref_log_prob: jax.Array, proposal_log_prob: jax.Array) -> jax.Array:
+    """w(y) = p_ref(y) / proposal(y) per sequence [b], from the two sequence log-probs; the proposal's
+    may carry any constant common to the sample set (the weights are self-normalized where they are
+    used, see `aux_loss`). Log weights are clipped to ±MAX_LOG_WEIGHT; a stop-gradient constant."""
+    log_w = jax.lax.stop_gradient(ref_log_prob - proposal_log_prob).astype(jnp.float32)
+    return jnp.exp(jnp.clip(log_w, -MAX_LOG_WEIGHT, MAX_LOG_WEIGHT))
+
+
 def aux_slot_weights(labels: jax.Array, mask: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """w m_i [b, s−1]: the weight of each target slot of `aux_loss` (0 on prompt, padding and rows
     whose label is unknown); its sum is the loss's normalizer."""
@@ -124,7 +143,7 @@ def aux_loss(z: jax.Array, tokens: jax.Array, labels: jax.Array, mask: jax.Array
     metrics = {"aux_loss": loss, "aux_bce": bce_term, "aux_consistency": consistency,
                "mean_R": (m * jax.nn.sigmoid(z_y)).sum() / denom,
                "mean_label": (m * label[:, None]).sum() / denom,
-               "aux_tokens": (mask[:, 1:] * valid[:, None]).sum().astype(jnp.float32)}
+               "aux_tokens": (mask[:, 1:] * valid[:, None]).sum().astype(jnp.float32), "aux_weight": total}
     return loss, metrics
 
 

@@ -3,14 +3,28 @@
 Stages (config.stage):
   detox   corpus → base model → the SFT baseline (LM loss on the same mixture) and ours (the
           method, config.method) from the same base → evaluation of all three. Writes
-          results.json ({"base"|"sft"|"ours": {toxicity, ppl_general, ...}}), generations.jsonl
-          and metrics_*.jsonl.
+          results.json, generations.jsonl and metrics_*.jsonl.
   base    corpus (the embedded offline one by default) → base model (pretrained here and cached
-          when model.source="random", else loaded) → held-out perplexity per domain and oracle
-          toxicity of continuations of held-out prompts per domain. Writes results.json
-          ({"base": {...}}) and generations.jsonl to the work directory.
+          when model.source="random", else loaded) → held-out perplexity per domain and the eval
+          oracles' toxicity of continuations of held-out prompts per domain. Writes results.json
+          and generations.jsonl to the work directory.
   smoke   build the model on the mesh and run `train.steps` SFT steps on synthetic tokens;
           prints the mesh, parameter count, losses and throughput.
+
+Oracles: config.method.oracle (+ method.oracle_args) labels the method's samples (the training
+oracle); every model is judged by every oracle in config.eval.oracles (+ eval.oracle_args, per
+oracle) on the same continuations (regft_jax/eval/judges.py).
+
+results.json (base and detox):
+  {"<model>": {"toxicity": {"<oracle>": rate on the toxic domain's prompts, ...},
+               "toxicity_<oracle>_<domain>": fraction of continuations flagged (score > eval.threshold),
+               "scored_<oracle>_<domain>": continuations the oracle scored,
+               "ppl_<domain>": held-out perplexity, "train_seconds": (sft, ours)},
+   ...,
+   "judges": {"training_oracle": name, "eval_oracles": [names], "domain", "threshold",
+              "<oracle>": {"role", "auc", "auc_valid", "n", "n_positive", "tpr", "fpr", ...}}}
+  (model names: "base" | "sft" | "ours"). generations.jsonl: one record per model and prompt with
+  "scores": {"<oracle>": P(violation) or null}.
 """
 
 from __future__ import annotations
@@ -35,7 +49,11 @@ def _validate(config) -> None:
     require(config, "train.steps", config.train.steps >= 1, "an integer >= 1")
     require(config, "train.batch_size", config.train.batch_size >= 1, "an integer >= 1")
     require(config, "train.seq_len", config.train.seq_len >= 2, "an integer >= 2")
-    if config.stage == "detox":  # fail before minutes of pretraining, not after
+    if config.stage in ("base", "detox"):  # fail before minutes of pretraining, not after
+        from regft_jax.eval.judges import check_oracle_config
+
+        check_oracle_config(config)
+    if config.stage == "detox":
         from regft_jax.train.schedules import check_method_config
 
         check_method_config(config)
@@ -93,12 +111,11 @@ def _write_jsonl(path: str, records) -> None:
 
 
 def _prepare(config):
-    """The mesh, the corpus, the base model and the oracle every stage after `smoke` starts from."""
+    """The mesh, the corpus and the base model every stage after `smoke` starts from."""
     import jax
 
     from regft_jax import sharding
     from regft_jax.data.pipeline import build_corpus
-    from regft_jax.oracles import make_oracle
     from regft_jax.train.base_model import base_model
 
     mesh = sharding.make_mesh(dict(config.mesh))
@@ -106,23 +123,58 @@ def _prepare(config):
     corpus = build_corpus(config.data, seed=config.seed)
     print(f"corpus: {corpus.summary()}; tokenizer vocab {corpus.tokenizer.vocab_size}")
     cfg, params, _ = base_model(config, mesh, corpus)
-    oracle = make_oracle(config.eval.oracle, **config.eval.oracle_args.to_dict())
-    return mesh, corpus, cfg, params, oracle
+    return mesh, corpus, cfg, params
+
+
+def _oracles(config, corpus, *, training: bool):
+    """(the training oracle or None, eval judges name -> Oracle, the "judges" report); prints the report."""
+    from regft_jax.eval import eval_oracles, judges_report, training_oracle
+    from regft_jax.eval.judges import format_judges
+
+    train = training_oracle(config, corpus) if training else None
+    judges = eval_oracles(config, corpus, train)
+    report = judges_report(config, corpus, judges)
+    print(f"training oracle (labels the method's samples): {config.method.oracle}; "
+          f"eval oracles: {', '.join(judges)}")
+    print(format_judges(report))
+    return train, judges, report
+
+
+def _evaluate(config, models: dict, mesh, corpus, cfg, judges: dict, timings: dict) -> tuple[dict, list]:
+    """Every model judged by every eval oracle; prints the table. (results, generation records)."""
+    from regft_jax.eval import evaluate_model, judge_label, results_table
+
+    toxic = config.data.toxic_domain
+    start = time.time()
+    results, records = {}, []
+    for name, params in models.items():
+        metrics, recs = evaluate_model(name, cfg, params, corpus, judges, config.eval, seq_len=config.data.seq_len,
+                                       mesh=mesh, seed=config.seed,
+                                       document_attention=config.data.document_attention)
+        results[name] = {"toxicity": {o: metrics.get(f"toxicity_{o}_{toxic}") for o in judges}, **metrics,
+                         **({"train_seconds": timings[name]} if name in timings else {})}
+        records += recs
+    keys = [f"toxicity_{o}_{toxic}" for o in judges]
+    keys += sorted({k for m in results.values() for k in m if k.startswith("ppl_")})
+    keys += [f"scored_{o}_{toxic}" for o in judges]
+    keys += ["train_seconds"] if timings else []
+    labels = {f"toxicity_{o}_{toxic}": judge_label(config, o) for o in judges}
+    labels.update({f"scored_{o}_{toxic}": f"scored ({o})" for o in judges})
+    n = len(corpus.prompts.get(toxic, []))
+    print(f"evaluation ({time.time() - start:.0f}s; toxicity = fraction of the continuations of {n} held-out "
+          f"{toxic} prompts that each eval oracle flags, P(violation) > {config.eval.threshold:g}; "
+          f"ppl = held-out perplexity):")
+    print(results_table(results, keys, labels))
+    return results, records
 
 
 def run_base(config, workdir: str) -> dict:
     import jax
 
-    from regft_jax.eval import evaluate_model, results_table
-
-    mesh, corpus, cfg, params, oracle = _prepare(config)
-    start = time.time()
-    metrics, records = evaluate_model("base", cfg, params, corpus, oracle, config.eval, seq_len=config.data.seq_len,
-                                      mesh=mesh, seed=config.seed)
-    results = {"base": metrics}
-    print(f"evaluation ({time.time() - start:.0f}s; toxicity = fraction of continuations of held-out prompts "
-          f"flagged by the {config.eval.oracle} oracle):")
-    print(results_table(results))
+    mesh, corpus, cfg, params = _prepare(config)
+    _, judges, report = _oracles(config, corpus, training=False)
+    results, records = _evaluate(config, {"base": params}, mesh, corpus, cfg, judges, {})
+    results["judges"] = report
     if jax.process_index() == 0:
         _write_jsonl(os.path.join(workdir, "generations.jsonl"), records)
     return results
@@ -131,12 +183,12 @@ def run_base(config, workdir: str) -> dict:
 def run_detox(config, workdir: str) -> dict:
     import jax
 
-    from regft_jax.eval import evaluate_model, results_table
     from regft_jax.train.baselines import sft_baseline
     from regft_jax.train.loop import summarize
     from regft_jax.train.schedules import run_method
 
-    mesh, corpus, cfg, base, oracle = _prepare(config)
+    mesh, corpus, cfg, base = _prepare(config)
+    oracle, judges, report = _oracles(config, corpus, training=True)
     m = config.method
     steps = m.iterations * m.llm_steps
     models, timings = {"base": base}, {}
@@ -149,20 +201,13 @@ def run_detox(config, workdir: str) -> dict:
     start = time.time()
     models["ours"], _, _, history = run_method(config, mesh, corpus, cfg, base, oracle, workdir=workdir)
     timings["ours"] = time.time() - start
-    print(f"ours ({m.schedule}, {'adaptive' if m.adaptive else 'one regularizer'}, p_ref={m.p_ref}): "
-          f"{steps} LLM steps in {timings['ours']:.0f}s (sampling and labeling included)")
+    print(f"ours ({m.schedule}, {'adaptive' if m.adaptive else 'one regularizer'}, p_ref={m.p_ref}, "
+          f"labels from the {m.oracle} oracle): {steps} LLM steps in {timings['ours']:.0f}s "
+          f"(sampling and labeling included)")
     print(summarize(history, ["llm/lm_loss", "llm/reg_loss", "aux/aux_loss", "aux/mean_R"]))
 
-    results, records = {}, []
-    for name, params in models.items():
-        metrics, recs = evaluate_model(name, cfg, params, corpus, oracle, config.eval, seq_len=config.data.seq_len,
-                                       mesh=mesh, seed=config.seed)
-        results[name] = {"toxicity": metrics.get(f"toxicity_{config.data.toxic_domain}"), **metrics,
-                         **({"train_seconds": timings[name]} if name in timings else {})}
-        records += recs
-    print(f"evaluation (toxicity = fraction of continuations of held-out prompts flagged by the "
-          f"{config.eval.oracle} oracle; ppl = held-out perplexity):")
-    print(results_table(results))
+    results, records = _evaluate(config, models, mesh, corpus, cfg, judges, timings)
+    results["judges"] = report
     if jax.process_index() == 0:
         _write_jsonl(os.path.join(workdir, "generations.jsonl"), records)
     return results
@@ -204,10 +249,22 @@ def main(argv) -> None:
     print(f"workdir: {workdir}")
 
 
+def _removed_flags(argv) -> None:
+    """A command-line override of a removed config key: one line naming what replaced it."""
+    from regft_jax.errors import UserInputError
+    from regft_jax.eval.judges import REMOVED_KEYS
+
+    for arg in argv:
+        for old, new in REMOVED_KEYS.items():
+            if arg.split("=")[0] == f"--config.{old}":
+                raise UserInputError(f"{arg.split('=')[0][2:]} was removed: use {new}")
+
+
 def entry() -> None:
     from regft_jax.errors import UserInputError
 
     try:
+        _removed_flags(sys.argv[1:])
         app.run(main)
     except UserInputError as e:  # a bad config value: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)

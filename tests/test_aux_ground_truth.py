@@ -20,7 +20,9 @@ import pytest
 from regft_jax import losses, models, sampling
 from regft_jax.models.aux import AuxGuidance, aux_config, aux_logits, init_aux_params
 from regft_jax.train import init_train_state, make_optimizer
+from regft_jax.oracles import make_oracle
 from regft_jax.train.aux import make_aux_step
+from regft_jax.train.schedules import Samples, oracle_labels
 
 V, T = 5, 4
 PROMPT = [3, 1]  # two distinct tokens: a run of one repeated token is invisible to RoPE attention
@@ -72,9 +74,12 @@ def _token_q(step_logp, ys, r_all):
     return ratio.prod(1)
 
 
-def _train(params, ys, tokens, px, c, *, from_llm, seed=0):
+def _train(params, ys, tokens, px, c, *, from_llm, seed=0, proposal=None, weighted=False):
+    """Train on exact samples of p_ref (`px`), or of `proposal` (probabilities of the N sequences),
+    then with `weighted` each batch carries log proposal(y) (importance weights p_ref/proposal)."""
     acfg = aux_config(LLM, 1, init_std=0.02)
-    mean = float((px * c).sum())
+    draw = px if proposal is None else proposal
+    mean = float((draw * c).sum())
     aux = init_aux_params(acfg, jax.random.key(seed), mean_label=mean, llm_params=params if from_llm else None)
     optimizer = make_optimizer(5e-3, grad_clip=1.0, warmup_steps=20, total_steps=STEPS)
     state = init_train_state(aux, optimizer)
@@ -83,9 +88,11 @@ def _train(params, ys, tokens, px, c, *, from_llm, seed=0):
     loss_mask = np.zeros((BATCH, len(PROMPT) + T), np.int32)
     loss_mask[:, len(PROMPT):] = 1
     for _ in range(STEPS):
-        idx = rng.choice(len(ys), BATCH, p=px)  # exact samples of p_ref
-        state, metrics = step(state, params, {"tokens": tokens[idx], "loss_mask": loss_mask,
-                                              "label": c[idx].astype(np.float32)})
+        idx = rng.choice(len(ys), BATCH, p=draw)  # exact samples of p_ref (or of the proposal)
+        batch = {"tokens": tokens[idx], "loss_mask": loss_mask, "label": c[idx].astype(np.float32)}
+        if weighted:
+            batch["proposal_logp"] = np.log(draw[idx]).astype(np.float32)
+        state, metrics = step(state, params, batch)
     assert np.isfinite(float(metrics["loss"]))
     z = np.asarray(jax.jit(aux_logits, static_argnums=0)(acfg, state.params, tokens), np.float64)
     return acfg, state.params, z[:, len(PROMPT) - 1:-1]  # [N, T, V]: z(h_{i-1})
@@ -148,3 +155,59 @@ def test_learned_R_matches_exact_R_and_q_satisfies_the_oracle(source, oracle, fr
         sd = np.sqrt(float((q * c * c).sum()) - q_rate ** 2) / np.sqrt(n)
         print(f"  sampled with AuxGuidance: rate {rate:.4f} vs E_q̂[C] {q_rate:.4f} (± {sd:.4f})")
         assert abs(rate - q_rate) < 4 * sd
+
+
+def _weighted_R_error(learned_all, ys, exact, px):
+    learned = np.take_along_axis(learned_all, ys[..., None], -1)[..., 0]
+    return (px[:, None] * np.abs(learned - exact)).sum(0)  # p(h, v)-weighted mean |R̂ − R| per depth
+
+
+def test_importance_weights_recover_R_from_a_tempered_proposal(source):
+    """Samples from p_ref at temperature 2 (a proposal ≠ p_ref): with the weights p_ref(y)/proposal(y)
+    the auxiliary model still learns R under p_ref; without them it learns R under the proposal,
+    which differs measurably (the exact R of both are computed by enumeration)."""
+    params, ys, tokens, step_logp, px = source
+    c = ORACLES["hard"](ys)
+    tempered = step_logp / 2.0
+    tempered = tempered - np.log(np.exp(tempered).sum(-1, keepdims=True))
+    proposal = np.exp(np.take_along_axis(tempered, ys[..., None], -1)[..., 0].sum(1))
+    exact, biased = _exact_R(ys, px, c), _exact_R(ys, proposal, c)
+    gap = _weighted_R_error(np.stack([biased] * V, -1), ys, exact, px)  # how far R under the proposal is
+    assert gap.max() > 0.07
+    errors = {}
+    for weighted in (True, False):
+        _, _, z = _train(params, ys, tokens, px, c, from_llm=True, proposal=proposal, weighted=weighted)
+        errors[weighted] = _weighted_R_error(1 / (1 + np.exp(-z)), ys, exact, px)
+    print(f"\n|R under proposal − R| {np.round(gap, 4)}; learned with weights {np.round(errors[True], 4)}, "
+          f"without {np.round(errors[False], 4)}")
+    assert errors[True].max() < 0.035  # recovers the exact R
+    assert errors[False].max() > 0.04 and errors[False].max() > 2.5 * errors[True].max()  # biased
+
+
+class _Words:
+    """A stand-in tokenizer: token v decodes to the word "w<v>"."""
+
+    def decode_batch(self, rows):
+        return [" ".join(f"w{int(t)}" for t in row) for row in rows]
+
+
+@pytest.mark.parametrize("label_text", ["continuation", "full"])
+def test_label_orientation_from_oracle_to_R(source, label_text):
+    """The oracle's P(violation) → the schedule's labels C = 1 − P (`oracle_labels`, as the
+    sampler calls it) → aux training → R, then q = p·R: the learned R matches the exact R of the
+    "hard" policy and q satisfies it more often than p. Flipping the orientation anywhere on the way
+    (labels P instead of C, BCE toward 1 − c, q = p·(1 − R)) breaks one of the assertions."""
+    params, ys, tokens, step_logp, px = source
+    oracle = make_oracle("callable", fn=lambda texts: [float("w0" in t.split()[len(PROMPT) * (label_text == "full") + 1:])
+                                                       for t in texts])
+    mask = np.zeros(tokens.shape, np.int32)
+    mask[:, len(PROMPT):] = 1
+    samples = Samples(tokens=tokens, loss_mask=mask, attention_mask=np.ones_like(mask),
+                      label=np.zeros(len(ys), np.float32), proposal_logp=np.zeros(len(ys), np.float32), step=0)
+    c = oracle_labels(_Words(), oracle, samples, 0, len(ys), label_text).astype(np.float64)
+    np.testing.assert_array_equal(c, ORACLES["hard"](ys))  # C = 1 − P: 1 for sequences that satisfy the policy
+    _, _, z = _train(params, ys, tokens, px, c, from_llm=True)
+    r = 1 / (1 + np.exp(-z))
+    assert _weighted_R_error(r, ys, _exact_R(ys, px, c), px).max() < 0.05
+    q = _token_q(step_logp, ys, r)
+    assert float((q * c).sum()) > float((px * c).sum()) + 0.15

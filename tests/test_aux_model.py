@@ -128,7 +128,7 @@ def _aux_batch(b=8, s=12, seed=0):
     label = rng.rand(b).astype(np.float32)
     label[3] = np.nan
     return {"tokens": tokens, "loss_mask": loss_mask, "label": label,
-            "weight": rng.uniform(0.5, 2.0, b).astype(np.float32)}
+            "proposal_logp": rng.uniform(-30.0, -28.0, b).astype(np.float32)}
 
 
 def _run_aux_steps(mesh, params, n=3):

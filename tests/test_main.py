@@ -32,6 +32,9 @@ def test_smoke_stage_trains_and_writes_results(tmp_path):
     ("smoke", "--config.model.arch.family=gpt2", "gpt2"),
     ("detox", "--config.method.p_ref=latest", "config.method.p_ref='latest': expected one of"),
     ("detox", "--config.method.schedule=async", "config.method.schedule"),
+    ("base", "--config.eval.oracle=regex", "config.eval.oracle was removed: use config.method.oracle"),
+    ("base", "--config.eval.oracles=profanity,nope", "config.eval.oracles='profanity,nope': unknown oracle(s)"),
+    ("detox", "--config.method.oracle=nope", "config.method.oracle='nope'"),
 ])
 def test_bad_config_value_is_one_clear_line(tmp_path, stage, override, needle):
     out = _main(f"--config.stage={stage}", override, f"--workdir={tmp_path}", timeout=120)

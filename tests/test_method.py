@@ -11,11 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from regft_jax import losses, sharding
+from regft_jax import losses, models, sharding
 from regft_jax.models import ModelConfig, forward, init_params
 from regft_jax.models.aux import aux_config, aux_logits, init_aux_params
 from regft_jax.train.aux import aux_step
-from regft_jax.train.method import Frozen, MethodSpec, joint_step, llm_objective, llm_step, make_joint_step
+from regft_jax.train.method import (Frozen, MethodSpec, joint_step, llm_objective, llm_step, make_joint_step,
+                                    sample_regularizer)
 from regft_jax.train.steps import init_train_state, make_optimizer, sft_step
 
 CFG = ModelConfig(family="llama", vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -135,3 +136,112 @@ def test_constant_R_and_equal_anchor_make_the_method_plain_sft():
     ours, _ = jax.jit(functools.partial(llm_step, CFG, ACFG, spec, opt))(state, aux_params, frozen, corpus)
     sft, _ = jax.jit(functools.partial(sft_step, CFG, opt))(state, corpus)
     _close(ours.params, sft.params, rtol=1e-5, atol=1e-6)
+
+
+def test_joint_step_with_snapshot_reference_equals_explicit_updates():
+    """p_ref = "snapshot": the LLM half regularizes toward q = p_snapshot · R and the aux half
+    trains against p_snapshot (not θ); with SGD the updates are exactly the explicit gradients."""
+    spec, frozen, _, _, state, aux_state, corpus, samples = _setup(p_ref="snapshot")
+    opt = optax.sgd(1.0)
+    state, aux_state = init_train_state(state.params, opt), init_train_state(aux_state.params, opt)
+    llm_j, aux_j, _ = jax.jit(functools.partial(joint_step, CFG, ACFG, spec, opt, opt))(
+        state, aux_state, frozen, corpus, samples)
+    inputs, targets = corpus["tokens"][:, :-1], corpus["tokens"][:, 1:]
+    mask = corpus["loss_mask"][:, 1:].astype(jnp.float32)
+    ref = forward(CFG, frozen.snapshot, inputs)  # computed outside: a constant of the loss
+    z = aux_logits(ACFG, aux_state.params, inputs)
+    anchor = forward(CFG, frozen.anchor, inputs)
+    toxic = (corpus["domain"] == 1)[:, None]
+
+    def explicit(params):
+        logits = forward(CFG, params, inputs)
+        omega = jnp.where(toxic, 2.0 * losses.closed_form_regularizer(ref, z, logits),
+                          0.5 * losses.anchor_regularizer(anchor, logits))
+        return ((losses.token_cross_entropy(logits, targets) + omega) * mask).sum() / mask.sum()
+
+    grads = jax.grad(explicit)(state.params)
+    _close(llm_j.params, jax.tree.map(lambda p, g: p - g, state.params, grads), rtol=1e-5, atol=1e-6)
+    aux_snapshot, _ = aux_step(ACFG, CFG, opt, spec.beta, aux_state, frozen.snapshot, samples)
+    aux_current, _ = aux_step(ACFG, CFG, opt, spec.beta, aux_state, state.params, samples)
+    _close(aux_j.params, aux_snapshot.params, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(np.asarray(aux_snapshot.params["head"]["kernel"]),
+                           np.asarray(aux_current.params["head"]["kernel"]), atol=1e-6)
+
+
+@pytest.mark.parametrize("p_ref", ["current", "snapshot"])
+def test_sample_regularizer_equals_brute_force_and_stops_the_reference_gradient(p_ref):
+    """λ_s · mean over the prefixes of generated tokens of Σ_v q (log q − log p_θ), q ∝ p_ref σ(z);
+    its gradient treats q as a constant (for p_ref = "current" too: the gradient of a KL to a fixed
+    target)."""
+    spec, frozen, _, _, state, aux_state, _, samples = _setup(p_ref=p_ref)
+    spec = dataclasses.replace(spec, sample_lambda=3.0)
+    samples = {**samples, "attention_mask": samples["attention_mask"].at[2, :2].set(0)}  # a left-padded row
+    value, metrics = sample_regularizer(CFG, ACFG, spec, state.params, aux_state.params, frozen, samples)
+    tokens, am = samples["tokens"], samples["attention_mask"]
+    logp = np.asarray(jax.nn.log_softmax(forward(CFG, state.params, tokens, attention_mask=am)), np.float64)
+    ref_params = state.params if p_ref == "current" else frozen.snapshot
+    ref = np.asarray(forward(CFG, ref_params, tokens, attention_mask=am), np.float64)
+    z = np.asarray(aux_logits(ACFG, aux_state.params, tokens, am), np.float64)
+    q = np.exp(ref) / (1 + np.exp(-z))
+    q /= q.sum(-1, keepdims=True)
+    kl = (q * (np.log(q) - logp)).sum(-1)  # [b, s]
+    prefix = np.asarray(samples["loss_mask"])[:, 1:]  # slot t is the prefix of generated token t + 1
+    expected = 3.0 * (kl[:, :-1] * prefix).sum() / prefix.sum()
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["omega_samples"]), expected / 3.0, rtol=1e-5)
+    q_const = jnp.log(jnp.asarray(q, jnp.float32))
+
+    def fixed_target(params):
+        lp = jax.nn.log_softmax(forward(CFG, params, tokens, attention_mask=am))
+        return 3.0 * ((jnp.exp(q_const) * (q_const - lp)).sum(-1)[:, :-1] * prefix).sum() / prefix.sum()
+
+    grads = jax.grad(lambda p: sample_regularizer(CFG, ACFG, spec, p, aux_state.params, frozen, samples)[0])(
+        state.params)
+    _close(grads, jax.grad(fixed_target)(state.params), rtol=1e-4, atol=1e-6)
+
+
+def test_joint_step_with_sample_prefixes_equals_separate_steps():
+    spec, frozen, opt, aux_opt, state, aux_state, corpus, samples = _setup()
+    spec = dataclasses.replace(spec, sample_lambda=2.0)
+    llm_alone, m1 = jax.jit(functools.partial(llm_step, CFG, ACFG, spec, opt))(state, aux_state.params, frozen,
+                                                                               corpus, samples)
+    llm_j, _, m = jax.jit(functools.partial(joint_step, CFG, ACFG, spec, opt, aux_opt))(
+        state, aux_state, frozen, corpus, samples)
+    _close(llm_j.params, llm_alone.params, rtol=1e-6, atol=1e-7)
+    plain, m0 = jax.jit(functools.partial(llm_step, CFG, ACFG, dataclasses.replace(spec, sample_lambda=0.0), opt))(
+        state, aux_state.params, frozen, corpus)
+    np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]) + 2.0 * float(m1["omega_samples"]), rtol=1e-5)
+    assert float(m1["omega_samples"]) > 0
+
+
+@pytest.mark.parametrize("p_ref", ["current", "snapshot"])
+def test_packed_rows_give_the_objective_of_their_documents_alone(p_ref):
+    """With segment ids, L(θ) on packed rows (LM loss, Ω_keep with the anchor, Ω_tox with the
+    auxiliary model and p_ref) equals L(θ) on the same documents one per row: nothing attends or
+    rotates across a document boundary. Without them it differs."""
+    spec, frozen, _, _, state, aux_state, _, _ = _setup(p_ref=p_ref)
+    spec = dataclasses.replace(spec, domain_rows=None)
+    rng = np.random.default_rng(3)
+    docs = [[1] + list(rng.integers(3, 61, n)) + [2] for n in (4, 6, 3, 5)]  # bos ... eos
+    rows, seg = [], []
+    for a, b in ((docs[0], docs[1]), (docs[2], docs[3])):  # row 0: general, row 1: toxic
+        rows.append(a + b)
+        seg.append([1] * len(a) + [2] * len(b))
+    width = max(map(len, rows))
+    pad = lambda r, v=0: r + [v] * (width - len(r))
+    tokens = np.array([pad(r) for r in rows], np.int32)
+    segment_ids = np.array([pad(s) for s in seg], np.int32)
+    loss_mask = ((segment_ids > 0) & (tokens != 1)).astype(np.int32)  # targets: every real token but BOS
+    positions = np.asarray(models.segment_positions(jnp.asarray(segment_ids)))
+    packed = {"tokens": tokens, "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions,
+              "domain": np.array([0, 1], np.int32)}
+    alone = {"tokens": np.array([pad(d) for d in docs], np.int32),
+             "loss_mask": np.array([pad([0] + [1] * (len(d) - 1)) for d in docs], np.int32),
+             "domain": np.array([0, 0, 1, 1], np.int32)}
+    objective = lambda batch: llm_objective(CFG, ACFG, spec, state.params, aux_state.params, frozen, batch)
+    (l_packed, m_packed), (l_alone, m_alone) = objective(packed), objective(alone)
+    for key in ("lm_loss", "omega_closed_form", "omega_anchor", "tokens"):
+        np.testing.assert_allclose(float(m_packed[key]), float(m_alone[key]), rtol=2e-5, err_msg=key)
+    np.testing.assert_allclose(float(l_packed), float(l_alone), rtol=2e-5)
+    crossing = objective({k: v for k, v in packed.items() if k not in ("segment_ids", "positions")})[0]
+    assert abs(float(crossing) - float(l_alone)) > 1e-3

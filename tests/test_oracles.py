@@ -101,7 +101,8 @@ def test_bad_backend_output_and_options():
     with pytest.raises(OracleError, match="unknown oracle 'nope'; valid names: callable, hf_classifier"):
         make_oracle("nope")
     assert issubclass(OracleError, UserInputError) and issubclass(PerspectiveAuthError, UserInputError)
-    assert set(available_oracles()) == {"profanity", "hf_classifier", "perspective", "callable", "regex"}
+    assert set(available_oracles()) == {"profanity", "hf_classifier", "perspective", "callable", "regex",
+                                       "insult_classifier"}
 
 
 # ----------------------------------------------------------------------------- callable / regex

@@ -29,7 +29,7 @@ def _config(tmp_path, tok, **method):
     config = tiny.get_config()
     config.data = _data_config(tmp_path, tok)
     config.method.update({"iterations": 3, "llm_steps": 4, "aux_steps": 2, "batch_size": 8,
-                          "proportions": {"general": 0.5, "toxic": 0.5}, "samples_per_iteration": 8,
+                          "proportions": {"general": 0.5, "toxic": 0.5}, "samples_per_iteration": 12,
                           "sample_batch_size": 4, "sample_tokens": 6, "checkpoint_every": 3, **method})
     return config
 
@@ -57,9 +57,16 @@ def test_resume_mid_iteration_equals_uninterrupted_run(setup, tmp_path, schedule
     run = lambda workdir, **kw: run_method(config, mesh, corpus, CFG, base, oracle, workdir=str(workdir), **kw)
     llm, aux, _, history = run(tmp_path / "full")
     assert len(history) == 12 and all(np.isfinite(h["llm/loss"]) for h in history)
-    assert {"llm/lm_loss", "llm/reg_loss", "tokens_per_s", "iteration", "sample_lag"} <= set(history[-1])
+    assert {"llm/lm_loss", "llm/reg_loss", "tokens_per_s", "iteration", "aux/samples_from_step",
+            "sample_lag_steps", "llm/aux_version"} <= set(history[-1])
+    # provenance: iteration t's aux updates train on samples of θ_{t-1} (the LLM after step 4(t-1))
+    assert [h["aux/samples_from_step"] for h in history] == [0] * 4 + [4] * 4 + [8] * 4
+    assert [h["sample_lag_steps"] for h in history] == list(range(4)) * 3
     if schedule == "parallel":
-        assert {"aux/aux_loss", "aux/mean_R"} <= set(history[-1]) and history[-1]["sample_lag"] == 1
+        assert {"aux/aux_loss", "aux/mean_R"} <= set(history[-1])
+        assert [h["llm/aux_version"] for h in history] == list(range(12))  # R after k-1 aux updates
+    else:
+        assert [h["llm/aux_version"] for h in history] == [2] * 4 + [4] * 4 + [6] * 4  # aux_steps = 2
     assert any(np.any(np.asarray(x) != np.asarray(y)) for x, y in zip(jax.tree.leaves(llm), jax.tree.leaves(base)))
 
     # Preempted after step 5: the latest checkpoint is step 3 (mid-iteration 1); the resume redoes 4-5.
@@ -72,6 +79,12 @@ def test_resume_mid_iteration_equals_uninterrupted_run(setup, tmp_path, schedule
     lines = (tmp_path / "cut" / "metrics_ours.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 13))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "cut" / "tb" / "ours"))
+
+    # Preempted after step 7: the latest checkpoint (6) was written mid-iteration 2, while that
+    # iteration's labels were still being computed in the background.
+    assert run(tmp_path / "cut2", stop_after=7) is None
+    assert sorted(os.listdir(tmp_path / "cut2" / "checkpoints" / "ours")) == ["3", "6"]
+    _assert_bitwise(run(tmp_path / "cut2")[0], llm)
 
     # A finished run resumes at its end; a changed config refuses the checkpoint.
     _assert_bitwise(run(tmp_path / "cut")[0], llm)
@@ -122,17 +135,86 @@ def test_detox_stage_end_to_end(tmp_path):
             "--config.base.batch_size=8", "--config.method.iterations=2", "--config.method.llm_steps=3",
             "--config.method.batch_size=8", "--config.method.samples_per_iteration=8",
             "--config.method.sample_batch_size=4", "--config.method.sample_tokens=6",
-            "--config.eval.max_new_tokens=8", "--config.eval.oracle=regex",
-            "--config.eval.oracle_args={'words': ['idiot']}", f"--workdir={tmp_path / 'run'}"]
+            "--config.eval.max_new_tokens=8", "--config.method.oracle=regex",
+            "--config.method.oracle_args={'words': ['idiot']}", "--config.eval.oracles=regex,insult_classifier",
+            f"--workdir={tmp_path / 'run'}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
+    judges = results.pop("judges")
     assert set(results) == {"base", "sft", "ours"}
     for r in results.values():
-        assert 0 <= r["toxicity"] <= 1 and r["ppl_general"] > 1
-    models_seen = [json.loads(line)["model"] for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+        assert set(r["toxicity"]) == {"regex", "insult_classifier"} and r["ppl_general"] > 1
+        assert all(0 <= v <= 1 for v in r["toxicity"].values()) and r["scored_regex_toxic"] == 10
+    assert judges["training_oracle"] == "regex" and judges["regex"]["role"] == "training oracle"
+    assert judges["insult_classifier"]["role"] == "independent" and judges["insult_classifier"]["num_train"] > 0
+    assert "regex (training oracle)" in out.stdout and "insult_classifier (independent)" in out.stdout
+    generations = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert all(set(g["scores"]) == {"regex", "insult_classifier"} for g in generations)
+    models_seen = [g["model"] for g in generations]
     assert models_seen.count("ours") == 15 and set(models_seen) == {"base", "sft", "ours"}
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics_ours.jsonl").read_text().splitlines()]
     assert len(history) == 6 and "llm/reg_loss" in history[0]
     assert "ours (parallel" in out.stdout and str(tmp_path / "run") in out.stdout
+
+
+@pytest.mark.parametrize("schedule", ["parallel", "sequential"])
+def test_samples_of_iteration_t_are_drawn_from_the_llm_after_iteration_t_minus_1(setup, tmp_path, monkeypatch,
+                                                                                   schedule):
+    """Provenance (DESIGN §2): the sample set iteration t trains the auxiliary model on is generated
+    from exactly θ_{t−1} (bitwise: the parameters checkpointed after step 4(t−1)), and every aux
+    update's `aux/samples_from_step` names that step."""
+    from regft_jax.train import schedules
+
+    tmp, tok, corpus, mesh, base, oracle = setup
+    config = _config(tmp, tok, schedule=schedule, checkpoint_every=4)
+    drawn, saved = {}, {}
+    generate, save_run = schedules.Sampler.generate, schedules.save_run
+
+    def spy_generate(self, params, iteration, step):
+        drawn[iteration] = (step, jax.tree.map(np.array, params))
+        return generate(self, params, iteration, step)
+
+    def spy_save(ckpt, run):
+        saved[run.step] = jax.tree.map(np.array, run.llm.params)
+        save_run(ckpt, run)
+
+    monkeypatch.setattr(schedules.Sampler, "generate", spy_generate)
+    monkeypatch.setattr(schedules, "save_run", spy_save)
+    _, _, _, history = run_method(config, mesh, corpus, CFG, base, oracle, workdir=str(tmp_path))
+    assert sorted(drawn) == [1, 2, 3] and [drawn[t][0] for t in (1, 2, 3)] == [0, 4, 8]
+    _assert_bitwise(drawn[1][1], base)
+    _assert_bitwise(drawn[2][1], saved[4])
+    _assert_bitwise(drawn[3][1], saved[8])
+    assert [h["aux/samples_from_step"] for h in history] == [0] * 4 + [4] * 4 + [8] * 4
+
+
+def test_method_config_errors(setup, tmp_path):
+    tmp, tok, corpus, mesh, base, oracle = setup
+    cases = [({"schedule": "sequential", "aux_steps": 0}, "config.method.aux_steps=0"),
+             ({"sample_domains": ("toxic", "tweets")}, "config.method.sample_domains"),
+             ({"reg_prefixes": "everywhere"}, "config.method.reg_prefixes='everywhere'")]
+    for method, message in cases:
+        with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            run_method(_config(tmp, tok, **method), mesh, corpus, CFG, base, oracle)
+    failing = make_oracle("callable", fn=lambda texts: [float("nan")] * len(texts))
+    with pytest.raises(UserInputError, match="every label failed"):
+        run_method(_config(tmp, tok), mesh, corpus, CFG, base, failing)
+
+
+def test_sample_prompts_keep_their_bos_and_full_labels_decode_prompt_and_continuation_together(setup):
+    from regft_jax.train.schedules import Sampler
+
+    tmp, tok, corpus, mesh, base, _ = setup
+    config = _config(tmp, tok, label_text="full")
+    seen = []
+    oracle = make_oracle("callable", fn=lambda texts: seen.extend(texts) or [0.0] * len(texts))
+    sampler = Sampler(CFG, corpus, oracle, config.method, mesh, 0, prompt_words=40)  # long prompts: truncated
+    bos = corpus.tokenizer.bos_id
+    assert bos is not None and all(p[0] == bos and len(p) <= sampler.prompt_len for p in sampler.prompts)
+    assert any(len(p) == sampler.prompt_len for p in sampler.prompts)
+    samples = sampler.draw(base, 1, 0)
+    assert len(seen) == samples.label.shape[0] == config.method.samples_per_iteration
+    for row, am, text in zip(samples.tokens, samples.attention_mask, seen):
+        assert text == corpus.tokenizer.decode_batch([row[am > 0]])[0]  # one decode of prompt + continuation

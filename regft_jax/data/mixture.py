@@ -3,12 +3,18 @@
 Splits are decided by a keyed hash of each example's group key (its text by default), so
 they depend only on (seed, content): not on input order, not on the number of processes,
 and exact duplicates always land in the same split (no train/eval leakage through copies).
+
+Near-duplicates (same text up to case, whitespace and punctuation) are removed before splitting
+with `dedup_examples`; `check_disjoint` and `check_prompts_unseen` compare `normalize_text` forms.
+Training examples that start with an evaluation prompt (as their own prompt, or as whole leading
+words of their text) are removed with `drop_prompt_overlaps`.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import math
+import unicodedata
 from typing import Callable, Iterable, Mapping, Sequence
 
 from regft_jax.data.records import Example
@@ -18,6 +24,73 @@ log = logging.getLogger(__name__)
 
 GroupKey = Callable[[Example], str]
 Predicate = Callable[[Example], bool]
+
+
+class _KeepWordChars(dict):
+    """str.translate table: letters, digits and combining marks (categories L*, N*, M*) map to
+    themselves, everything else (punctuation, symbols, separators, controls, "_") to a space."""
+
+    def __missing__(self, codepoint: int) -> int | str:
+        value = codepoint if unicodedata.category(chr(codepoint))[0] in "LNM" else " "
+        self[codepoint] = value
+        return value
+
+
+_WORD_CHARS = _KeepWordChars()
+
+
+def normalize_text(text: str) -> str:
+    """The form texts are compared in for duplicates and leakage: NFKC, casefolded, every
+    non-letter/digit/mark character replaced by a space, whitespace collapsed to single spaces.
+
+    ``"Hello,  WORLD!"`` and ``"hello world"`` both give ``"hello world"``; works for any script.
+    """
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().translate(_WORD_CHARS).split())
+
+
+def prompt_of(text: str, num_words: int | None) -> str:
+    """The first ``num_words`` whitespace-separated words of ``text`` (all of them when None):
+    how evaluation prompts (`make_prompts`) and the method's sampling prompts are made."""
+    words = text.split()
+    return " ".join(words if num_words is None else words[:num_words])
+
+
+DEDUP_COUNTS = ("duplicates", "cross_domain")
+
+
+def dedup_examples(
+    examples: Sequence[Example], *, prefer_domain: str | None = None
+) -> tuple[list[Example], dict[str, dict[str, int]]]:
+    """Keeps one example per `normalize_text` form, within and across domains.
+
+    Rule (deterministic, independent of the order of the domains): a normalized text that
+    occurs in several domains is kept only in ``prefer_domain`` (the toxic domain) when it is one
+    of them, else in the alphabetically first of them; within that domain the first copy in
+    input order is kept.
+
+    Returns:
+      (the kept examples in input order, domain -> {"duplicates": copies dropped that were
+      duplicates within the domain, "cross_domain": copies dropped because the text is kept in
+      another domain}), with an entry for every domain.
+    """
+    rank = lambda domain: (domain != prefer_domain, domain)
+    keys = [normalize_text(e.text) for e in examples]
+    best: dict[str, tuple[tuple[bool, str], int]] = {}
+    for index, (example, key) in enumerate(zip(examples, keys)):
+        candidate = (rank(example.domain), index)
+        if key not in best or candidate < best[key]:
+            best[key] = candidate
+    dropped = {e.domain: dict.fromkeys(DEDUP_COUNTS, 0) for e in examples}
+    kept = []
+    for index, (example, key) in enumerate(zip(examples, keys)):
+        keeper = best[key][1]
+        if keeper == index:
+            kept.append(example)
+        else:
+            same = examples[keeper].domain == example.domain
+            dropped[example.domain]["duplicates" if same else "cross_domain"] += 1
+    log.info("Dedup: dropped %s", dropped)
+    return kept, dropped
 
 
 def _hash_key(seed: int, key: str) -> bytes:
@@ -110,10 +183,7 @@ def make_prompts(
         raise UserInputError(f"num_words must be >= 1, got {num_words}")
     prompts = []
     for example in examples:
-        prompt = example.prompt
-        if prompt is None:
-            words = example.text.split()
-            prompt = " ".join(words if num_words is None else words[:num_words])
+        prompt = example.prompt if example.prompt is not None else prompt_of(example.text, num_words)
         prompts.append(
             Example(example.text, example.domain, example.label, prompt, dict(example.meta))
         )
@@ -121,18 +191,95 @@ def make_prompts(
 
 
 def check_disjoint(train: Iterable[Example], **held_out: Iterable[Example]) -> None:
-    """Raises UserInputError if any held-out set shares a source text with ``train`` or another set."""
-    seen: dict[str, str] = {e.text: "train" for e in train}
+    """Raises UserInputError if any held-out set shares a source text with ``train`` or another set.
+
+    Texts are compared in `normalize_text` form, so copies differing only in case, whitespace
+    or punctuation count as shared.
+    """
+    seen: dict[str, str] = {normalize_text(e.text): "train" for e in train}
     for name, examples in held_out.items():
         own = set()
         for example in examples:
-            other = seen.get(example.text)
+            key = normalize_text(example.text)
+            other = seen.get(key)
             if other is not None and other != name:
                 raise UserInputError(
-                    f"{name!r} and {other!r} share the example {example.text[:80]!r}"
+                    f"{name!r} and {other!r} share the example {example.text[:80]!r} "
+                    f"(compared as normalized text {key[:80]!r})"
                 )
-            own.add(example.text)
-        seen.update({text: name for text in own})
+            own.add(key)
+        seen.update({key: name for key in own})
+
+
+def _eval_prompt_index(prompts: Iterable[Example], num_words: int | None) -> dict[str, Example]:
+    """normalized evaluation prompt -> (the first) prompt Example having it."""
+    held: dict[str, Example] = {}
+    for p in prompts:
+        held.setdefault(normalize_text(p.prompt if p.prompt is not None else prompt_of(p.text, num_words)), p)
+    return held
+
+
+def _overlap(
+    example: Example, held: Mapping[str, Example], lengths: Sequence[int], num_words: int | None
+) -> tuple[str, Example] | None:
+    """(how, the evaluation prompt) if ``example`` leaks one, else None: "prompt" when its own
+    prompt equals it, "prefix" when its text starts with it as whole words (both normalized)."""
+    own = held.get(normalize_text(prompt_of(example.text, num_words)))
+    if own is not None:
+        return "prompt", own
+    words = normalize_text(example.text).split()
+    for length in lengths:
+        if length > len(words):
+            break
+        hit = held.get(" ".join(words[:length]))
+        if hit is not None:
+            return "prefix", hit
+    return None
+
+
+def _prefix_lengths(held: Mapping[str, Example]) -> list[int]:
+    return sorted({len(key.split()) for key in held if key})  # an empty prompt is a prefix of nothing
+
+
+def drop_prompt_overlaps(
+    train: Sequence[Example], prompts: Iterable[Example], num_words: int | None
+) -> tuple[list[Example], int]:
+    """Drops the training examples that would leak an evaluation prompt, both compared in
+    `normalize_text` form:
+
+    - their own prompt (`prompt_of(text, num_words)`, what the method samples continuations of)
+      equals an evaluation prompt, or
+    - their text starts with an evaluation prompt as whole words (the prompt "retard" matches
+      "Retard, you are" but not "retardation"), whatever ``num_words`` is.
+
+    Returns (the kept examples in input order, the number dropped).
+    """
+    held = _eval_prompt_index(prompts, num_words)
+    lengths = _prefix_lengths(held)
+    kept = [e for e in train if _overlap(e, held, lengths, num_words) is None]
+    return kept, len(train) - len(kept)
+
+
+def check_prompts_unseen(
+    train: Iterable[Example], prompts: Iterable[Example], num_words: int | None
+) -> None:
+    """Raises UserInputError if a training example's prompt (its first ``num_words`` words)
+    equals an evaluation prompt, or its text starts with one as whole words (the rules of
+    `drop_prompt_overlaps`), compared as `normalize_text`."""
+    held = _eval_prompt_index(prompts, num_words)
+    lengths = _prefix_lengths(held)
+    for example in train:
+        found = _overlap(example, held, lengths, num_words)
+        if found is None:
+            continue
+        how, prompt = found
+        where = (f"as its first {num_words} words" if how == "prompt"
+                 else "at the start of its text")
+        raise UserInputError(
+            f"the training example {example.text[:80]!r} (domain {example.domain!r}) has the "
+            f"evaluation prompt {prompt.prompt!r} {where}: the method would "
+            "sample continuations of an evaluation prompt"
+        )
 
 
 def batch_quotas(proportions: Mapping[str, float], batch_size: int) -> dict[str, int]:

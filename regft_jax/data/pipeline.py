@@ -4,10 +4,22 @@
     rows = corpus.packed("train", seq_len=128)           # domain -> PackedRows
     corpus.prompts["toxic"]                               # held-out prompt Examples
 
-Every domain is split on its own, deterministically by seed (`partition_examples`): evaluation
-prompts first (for the toxic domain only from examples the dataset labels as violating, e.g.
-insults, when `toxic_prompts_from_violations`), then a validation fraction; the rest trains.
-The three parts are checked to be disjoint.
+No leakage between the parts, in this order:
+
+1. Deduplication on normalized text (`normalize_text`: casefold, punctuation and whitespace
+   removed), within and across domains: one copy is kept, the first in load order; a text found
+   in several domains is kept only in `data.toxic_domain` if it is one of them, else in the
+   alphabetically first (`dedup_examples`).
+2. Every domain is split on its own, deterministically by seed (`partition_examples`): evaluation
+   prompts first (for the toxic domain only from examples the dataset labels as violating, e.g.
+   insults, when `toxic_prompts_from_violations`), then a validation fraction; the rest trains.
+3. Training examples whose first `data.prompt_words` words (the prompt the method samples
+   continuations of) equal an evaluation prompt of any domain, or whose text starts with one
+   as whole words, normalized, are dropped (`drop_prompt_overlaps`).
+4. Checked over all domains together: train / valid / prompt source texts are disjoint
+   (normalized), and no training example starts with an evaluation prompt; UserInputError otherwise.
+
+The counts dropped per domain are in `Corpus.dropped` and `Corpus.summary()`.
 """
 
 from __future__ import annotations
@@ -19,11 +31,18 @@ from typing import Mapping
 import ml_collections
 
 from regft_jax.data.files import FieldMap, load_local
-from regft_jax.data.mixture import check_disjoint, make_prompts, partition_examples
+from regft_jax.data.mixture import (
+    check_disjoint,
+    check_prompts_unseen,
+    dedup_examples,
+    drop_prompt_overlaps,
+    make_prompts,
+    partition_examples,
+)
 from regft_jax.data.offline import load_offline_corpus, offline_tokenizer
 from regft_jax.data.packing import PackedRows, pack_documents
 from regft_jax.data.records import Example
-from regft_jax.data.tokenizer import Tokenizer, load_tokenizer
+from regft_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer  # noqa: F401 - check_vocab re-exported
 from regft_jax.errors import UserInputError
 
 SOURCES = ("offline", "files")
@@ -35,6 +54,8 @@ class Corpus:
     train: dict[str, list[Example]]
     valid: dict[str, list[Example]]
     prompts: dict[str, list[Example]]  # held-out evaluation prompts (Example.prompt is set)
+    # domain -> {"duplicates", "cross_domain", "prompt_overlap": examples dropped for that reason}
+    dropped: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def domains(self) -> list[str]:
@@ -49,8 +70,14 @@ class Corpus:
                 for d, examples in getattr(self, part).items()}
 
     def summary(self) -> str:
+        def dropped(d):
+            n = self.dropped.get(d)
+            if n is None:
+                return ""
+            return (f" (dropped {n['duplicates']} duplicates, {n['cross_domain']} kept in another domain, "
+                    f"{n['prompt_overlap']} starting with an eval prompt)")
         return "; ".join(f"{d}: {len(self.train[d])} train / {len(self.valid[d])} valid / "
-                         f"{len(self.prompts[d])} prompts" for d in self.domains)
+                         f"{len(self.prompts[d])} prompts{dropped(d)}" for d in self.domains)
 
 
 def load_examples(data: ml_collections.ConfigDict) -> list[Example]:
@@ -82,16 +109,36 @@ def _tokenizer(data: ml_collections.ConfigDict) -> Tokenizer:
     return offline_tokenizer(data.cache_dir or None, data.vocab_size)
 
 
+def check_domains(key: str, names, corpus_domains, *, allow_empty: bool = False) -> None:
+    """Raises UserInputError unless every name in `names` (the value of config `key`, e.g.
+    "method.sample_domains") is one of `corpus_domains`:
+    ``config.method.sample_domains=('x',): unknown domains ['x'] (the corpus has [...])``."""
+    key = key if key.startswith("config.") else f"config.{key}"
+    have = sorted(corpus_domains)
+    if isinstance(names, str):
+        raise UserInputError(f"{key}={names!r}: expected a tuple of domain names (of {have}), not a string")
+    names = list(names)
+    if not names and not allow_empty:
+        raise UserInputError(f"{key}=(): expected at least one domain (the corpus has {have})")
+    unknown = [n for n in names if n not in have]
+    if unknown:
+        raise UserInputError(f"{key}={tuple(names)!r}: unknown domains {unknown} (the corpus has {have})")
+
+
 def build_corpus(data: ml_collections.ConfigDict, *, seed: int) -> Corpus:
     examples = load_examples(data)
+    domains = sorted({e.domain for e in examples})
+    if data.toxic_domain not in domains:
+        raise UserInputError(f"config.data.toxic_domain={data.toxic_domain!r}: expected one of {domains}")
+    num_prompts: Mapping[str, int] = dict(data.num_prompts)
+    unknown = sorted(set(num_prompts) - set(domains))
+    if unknown:
+        raise UserInputError(f"config.data.num_prompts names domains {unknown} that the corpus lacks "
+                             f"(it has {domains})")
+    examples, dropped = dedup_examples(examples, prefer_domain=data.toxic_domain)
     by_domain: dict[str, list[Example]] = {}
     for e in examples:
         by_domain.setdefault(e.domain, []).append(e)
-    num_prompts: Mapping[str, int] = dict(data.num_prompts)
-    unknown = sorted(set(num_prompts) - set(by_domain))
-    if unknown:
-        raise UserInputError(f"config.data.num_prompts names domains {unknown} that the corpus lacks "
-                             f"(it has {sorted(by_domain)})")
     train, valid, prompts = {}, {}, {}
     for domain, items in sorted(by_domain.items()):
         eligible = None
@@ -101,5 +148,16 @@ def build_corpus(data: ml_collections.ConfigDict, *, seed: int) -> Corpus:
                                    seed=seed, eligible=eligible)
         train[domain], valid[domain] = parts["train"], parts["valid"]
         prompts[domain] = make_prompts(parts["prompts"], data.prompt_words)
-        check_disjoint(parts["train"], valid=parts["valid"], prompts=parts["prompts"])
-    return Corpus(_tokenizer(data), train, valid, prompts)
+    all_prompts = [p for d in sorted(prompts) for p in prompts[d]]
+    for domain in sorted(train):
+        train[domain], dropped[domain]["prompt_overlap"] = drop_prompt_overlaps(
+            train[domain], all_prompts, data.prompt_words)
+    empty = [d for d in domains if not train.get(d)]
+    if empty:
+        raise UserInputError(f"config.data: domains {empty} have no training examples left after the "
+                             f"evaluation prompts and validation split (dropped: {dropped}); "
+                             "lower config.data.num_prompts / valid_fraction")
+    all_train = [e for d in sorted(train) for e in train[d]]
+    check_disjoint(all_train, valid=[e for d in sorted(valid) for e in valid[d]], prompts=all_prompts)
+    check_prompts_unseen(all_train, all_prompts, data.prompt_words)
+    return Corpus(_tokenizer(data), train, valid, prompts, dropped)

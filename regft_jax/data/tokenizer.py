@@ -105,6 +105,18 @@ class Tokenizer:
                 f"eos_id={self.eos_id}, pad_id={self.pad_id})")
 
 
+def check_vocab(tokenizer_vocab_size: int, model_vocab_size: int, *, model_key: str = "config.model",
+                tokenizer_key: str = "config.data.tokenizer") -> None:
+    """Raises UserInputError if the tokenizer has more ids than the model has embedding rows (a
+    smaller tokenizer is fine: models often pad their vocabulary). `model_key` / `tokenizer_key`
+    name the config entries in the message, e.g. ``model_key="config.model.path='/ckpt'"``."""
+    if tokenizer_vocab_size > model_vocab_size:
+        raise UserInputError(
+            f"{model_key} / {tokenizer_key}: tokenizer vocabulary {tokenizer_vocab_size} is larger than the "
+            f"model's vocab_size {model_vocab_size} (token ids >= {model_vocab_size} would index past the embedding)"
+        )
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Loads an HF tokenizer directory (``tokenizer.json`` + optional ``tokenizer_config.json``).
 

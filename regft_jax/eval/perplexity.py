@@ -11,37 +11,41 @@ import numpy as np
 from regft_jax import sharding as shd
 from regft_jax.data.packing import PackedRows
 from regft_jax.losses import token_cross_entropy
-from regft_jax.models import ModelConfig, forward
+from regft_jax.models import ModelConfig, forward, packed_inputs
+
+_FIELDS = ("tokens", "loss_mask", "segment_ids", "positions")
 
 
 @functools.lru_cache(maxsize=16)
-def _summed_ce(cfg: ModelConfig, mesh):
-    def fn(params, tokens, loss_mask):
+def _summed_ce(cfg: ModelConfig, mesh, document_attention: bool):
+    def fn(params, tokens, loss_mask, segment_ids, positions):
         with shd.use_mesh(mesh):
-            logits = forward(cfg, params, tokens[:, :-1])
+            batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+            logits = forward(cfg, params, **packed_inputs(batch, document_attention))
             mask = loss_mask[:, 1:].astype(jnp.float32)
             return (token_cross_entropy(logits, tokens[:, 1:]) * mask).sum(), mask.sum()
 
     if mesh is None:
         return jax.jit(fn)
     batch = shd.batch_sharding(mesh, 2)
-    return jax.jit(fn, in_shardings=(None, batch, batch))
+    return jax.jit(fn, in_shardings=(None,) + (batch,) * len(_FIELDS))
 
 
-def perplexity(cfg: ModelConfig, params, rows: PackedRows, *, batch_size: int = 32, mesh=None) -> float:
-    """Perplexity of `params` on `rows` (all rows, each counted token once). NaN if no tokens."""
-    fn = _summed_ce(cfg, mesh)
+def perplexity(cfg: ModelConfig, params, rows: PackedRows, *, batch_size: int = 32, mesh=None,
+               document_attention: bool = True) -> float:
+    """Perplexity of `params` on `rows` (all rows, each counted token once). NaN if no tokens.
+    document_attention: each packed document is scored on its own (attention and RoPE within the
+    document, `config.data.document_attention`); False: one causal stream per row."""
+    fn = _summed_ce(cfg, mesh, bool(document_attention))
     if mesh is not None:
         dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
         batch_size = -(-batch_size // dp) * dp
     total, count = 0.0, 0.0
     for start in range(0, rows.num_rows, batch_size):
-        tokens = rows.tokens[start:start + batch_size]
-        mask = rows.loss_mask[start:start + batch_size]
-        pad = batch_size - tokens.shape[0]  # one compiled shape: pad the last batch with masked rows
+        arrays = [getattr(rows, name)[start:start + batch_size] for name in _FIELDS]
+        pad = batch_size - arrays[0].shape[0]  # one compiled shape: pad the last batch with masked rows
         if pad:
-            tokens = np.concatenate([tokens, np.zeros((pad, tokens.shape[1]), tokens.dtype)])
-            mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), mask.dtype)])
-        s, c = jax.device_get(fn(params, tokens, mask))
+            arrays = [np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in arrays]
+        s, c = jax.device_get(fn(params, *arrays))
         total, count = total + float(s), count + float(c)
     return float(np.exp(total / count)) if count else float("nan")

@@ -84,11 +84,15 @@ def _head(params: dict, h: jax.Array) -> jax.Array:
 
 
 def aux_logits(aux_cfg: ModelConfig, aux_params: dict, tokens: jax.Array,
-               attention_mask: Optional[jax.Array] = None, from_slot: int = 0) -> jax.Array:
+               attention_mask: Optional[jax.Array] = None, from_slot: int = 0, *,
+               positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """z_φ(h) for every prefix: tokens [b, s] → [b, s, vocab] float32, slot t read tokens[:, :t+1].
-    attention_mask [b, s] (1 = real token) supports left padding, as in `core.forward`;
-    from_slot (static): z of slots from_slot.. only, [b, s − from_slot, vocab]."""
-    h, _ = hidden_states(aux_cfg, aux_params["trunk"], tokens, attention_mask=attention_mask)
+    attention_mask [b, s] (1 = real token) supports left padding, positions / segment_ids [b, s]
+    (packed rows: attention and RoPE within each document), all as in `core.forward`;
+    from_slot (static): z of slots from_slot.. only, [b, s − from_slot, vocab].
+    With a corpus batch: `x = core.packed_inputs(batch, flag); aux_logits(cfg, p, x.pop("input_ids"), **x)`."""
+    h, _ = hidden_states(aux_cfg, aux_params["trunk"], tokens, attention_mask=attention_mask,
+                         positions=positions, segment_ids=segment_ids)
     return _head(aux_params, h[:, from_slot:])
 
 

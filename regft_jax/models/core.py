@@ -57,27 +57,54 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def _attention_mask(key_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
-    """[b, s, t]: query at slot i attends key slot j iff j <= i and key j is a real token."""
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Per-document positions of packed rows: each run of equal segment ids restarts at 0 (0 on
+    padding, segment id 0). Same values as `data.packing.segment_positions`, traced."""
+    slots = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1], dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1)
+    run_start = jax.lax.cummax(jnp.where(starts, slots, 0), axis=segment_ids.ndim - 1)
+    return jnp.where(segment_ids > 0, slots - run_start, 0).astype(jnp.int32)
+
+
+def _attention_mask(key_valid: jax.Array, query_slots: jax.Array,
+                    segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    """[b, s, t]: query at slot i attends key slot j iff j <= i and key j is a real token (and, with
+    segment_ids [b, s] for a full pass, both lie in the same document)."""
     key_slots = jnp.arange(key_valid.shape[-1])
     causal = key_slots[None, None, :] <= query_slots[:, :, None]
-    return causal & key_valid[:, None, :].astype(bool)
+    mask = causal & key_valid[:, None, :].astype(bool)
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
 
 
 def hidden_states(cfg: ModelConfig, params: Params, input_ids: jax.Array, *,
                   attention_mask: Optional[jax.Array] = None,
-                  positions: Optional[jax.Array] = None) -> tuple[jax.Array, Decoder]:
+                  positions: Optional[jax.Array] = None,
+                  segment_ids: Optional[jax.Array] = None) -> tuple[jax.Array, Decoder]:
     """The final-norm hidden states [b, s, d] of a full causal pass, and the bound module.
 
     attention_mask [b, s] (1 = real token, 0 = padding) supports left-padded batches; positions
     default to the count of real tokens before each one.
+    segment_ids [b, s] int (packed rows: 0 = padding, 1, 2, ... per document) keeps attention within
+    each document (and off padding keys); positions then default to the per-document positions
+    (`segment_positions`). Combined with attention_mask, a key must be real in both.
     """
     b, s = input_ids.shape
-    if attention_mask is None:
-        attention_mask = jnp.ones((b, s), jnp.int32)
-    if positions is None:
-        positions = default_positions(attention_mask)
-    mask = _attention_mask(attention_mask, jnp.broadcast_to(jnp.arange(s), (b, s)))
+    if segment_ids is not None:
+        key_valid = segment_ids > 0
+        if attention_mask is not None:
+            key_valid = key_valid & attention_mask.astype(bool)
+        if positions is None:
+            positions = segment_positions(segment_ids)
+    else:
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, s), jnp.int32)
+        key_valid = attention_mask
+        if positions is None:
+            positions = default_positions(attention_mask)
+    mask = _attention_mask(key_valid, jnp.broadcast_to(jnp.arange(s), (b, s)), segment_ids)
     model = module(cfg, params)
     h, _ = model.hidden_states(input_ids, positions, mask)
     return h, model
@@ -86,13 +113,40 @@ def hidden_states(cfg: ModelConfig, params: Params, input_ids: jax.Array, *,
 def forward(cfg: ModelConfig, params: Params, input_ids: jax.Array, *,
             attention_mask: Optional[jax.Array] = None,
             positions: Optional[jax.Array] = None,
+            segment_ids: Optional[jax.Array] = None,
             return_hidden: bool = False, from_slot: int = 0):
-    """Full causal forward. input_ids [b, s] → logits [b, s, vocab] float32 (see `hidden_states`).
+    """Full causal forward. input_ids [b, s] → logits [b, s, vocab] float32 (see `hidden_states`
+    for attention_mask / positions / segment_ids).
     from_slot (static): logits of slots from_slot.. only, [b, s − from_slot, vocab] (the vocabulary
     projection skips the slots before; every token is still attended)."""
-    h, model = hidden_states(cfg, params, input_ids, attention_mask=attention_mask, positions=positions)
+    h, model = hidden_states(cfg, params, input_ids, attention_mask=attention_mask, positions=positions,
+                             segment_ids=segment_ids)
     logits = model.logits(h[:, from_slot:])
     return (logits, h) if return_hidden else logits
+
+
+def packed_inputs(batch: dict, document_attention: Optional[bool] = None) -> dict:
+    """Model inputs of a corpus batch whose "tokens" are [b, s+1] (targets are tokens[:, 1:]):
+    {"input_ids": tokens[:, :-1]} plus, with document attention, "segment_ids" and "positions"
+    (batch[k][:, :-1]), and "attention_mask"[:, :-1] if the batch has one. Splat it into `forward`,
+    `hidden_states` or `aux.aux_logits`: `forward(cfg, params, **packed_inputs(batch, flag))`.
+
+    document_attention: True → attend and rotate within each packed document (the batch must carry
+    "segment_ids"; "positions" are recomputed from them when absent); False → one causal stream per
+    row (today's behaviour); None → True iff the batch carries "segment_ids"."""
+    if document_attention is None:
+        document_attention = "segment_ids" in batch
+    out = {"input_ids": batch["tokens"][:, :-1]}
+    if batch.get("attention_mask") is not None:
+        out["attention_mask"] = batch["attention_mask"][:, :-1]
+    if document_attention:
+        if "segment_ids" not in batch:
+            raise KeyError(f"document attention needs batch['segment_ids'] (batch has {sorted(batch)}); "
+                           "select it (and 'positions') in train.loop.global_batches(keys=...)")
+        out["segment_ids"] = batch["segment_ids"][:, :-1]
+        out["positions"] = (batch["positions"][:, :-1] if "positions" in batch
+                            else segment_positions(out["segment_ids"]))
+    return out
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Optional[str] = None) -> dict:

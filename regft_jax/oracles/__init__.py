@@ -15,6 +15,9 @@ Registered names (``available_oracles()``):
 - ``perspective``: Perspective API over HTTP, rate-limited, with retries (``PerspectiveOracle``).
 - ``callable``: any function texts -> scores (``CallableOracle``).
 - ``regex``: word list / regular expressions, hard 0/1 (``RegexOracle``).
+- ``insult_classifier``: char n-gram logistic regression fitted on the corpus's toxic-domain
+  training split — an evaluation judge independent of ``profanity`` (``InsultClassifierOracle``;
+  ``make_corpus_oracle(name, corpus, domain)`` fits it, ``needs_corpus(name)`` says which do).
 
 Implementations are imported lazily (JAX/transformers/scikit-learn load on first use).
 """
@@ -25,7 +28,14 @@ import importlib
 from typing import Any
 
 from regft_jax.oracles.base import CheckpointError, LabelCache, Oracle, OracleError, OracleStats
-from regft_jax.oracles.registry import DEFAULT_ORACLE, available_oracles, make_oracle, register_oracle
+from regft_jax.oracles.registry import (
+    DEFAULT_ORACLE,
+    available_oracles,
+    make_corpus_oracle,
+    make_oracle,
+    needs_corpus,
+    register_oracle,
+)
 
 _LAZY = {
     "ProfanityOracle": "regft_jax.oracles.profanity",
@@ -34,11 +44,12 @@ _LAZY = {
     "PerspectiveAuthError": "regft_jax.oracles.perspective",
     "CallableOracle": "regft_jax.oracles.rules",
     "RegexOracle": "regft_jax.oracles.rules",
+    "InsultClassifierOracle": "regft_jax.oracles.insult_classifier",
 }
 
 __all__ = [
     "DEFAULT_ORACLE", "CheckpointError", "LabelCache", "Oracle", "OracleError", "OracleStats",
-    "available_oracles", "make_oracle", "register_oracle", *_LAZY,
+    "available_oracles", "make_corpus_oracle", "make_oracle", "needs_corpus", "register_oracle", *_LAZY,
 ]  # fmt: skip
 
 

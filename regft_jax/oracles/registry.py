@@ -19,6 +19,12 @@ _REGISTRY: dict[str, str | Callable[..., Oracle]] = {
     "perspective": "regft_jax.oracles.perspective:PerspectiveOracle",
     "callable": "regft_jax.oracles.rules:CallableOracle",
     "regex": "regft_jax.oracles.rules:RegexOracle",
+    "insult_classifier": "regft_jax.oracles.insult_classifier:InsultClassifierOracle",
+}
+
+# Oracles fitted on a corpus: name -> "module:attribute" of ``factory(corpus, domain, **kwargs)``.
+_CORPUS_FACTORIES: dict[str, str] = {
+    "insult_classifier": "regft_jax.oracles.insult_classifier:from_corpus",
 }
 
 DEFAULT_ORACLE = "profanity"
@@ -44,3 +50,17 @@ def make_oracle(name: str, **kwargs: Any) -> Oracle:
         module, attribute = factory.split(":")
         factory = getattr(importlib.import_module(module), attribute)
     return factory(**kwargs)
+
+
+def needs_corpus(name: str) -> bool:
+    """Whether oracle ``name`` is fitted on a corpus (build it with ``make_corpus_oracle``)."""
+    return name in _CORPUS_FACTORIES
+
+
+def make_corpus_oracle(name: str, corpus, domain: str, **kwargs: Any) -> Oracle:
+    """``make_oracle(name, **kwargs)``, except that an oracle fitted on a corpus (``needs_corpus``)
+    is fitted on ``corpus.train[domain]`` (only the training split)."""
+    if name not in _CORPUS_FACTORIES:
+        return make_oracle(name, **kwargs)
+    module, attribute = _CORPUS_FACTORIES[name].split(":")
+    return getattr(importlib.import_module(module), attribute)(corpus, domain, **kwargs)

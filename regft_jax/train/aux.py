@@ -7,7 +7,11 @@
 
 batch: "tokens" [b, s] int32 (prompt + continuation, left-padded prompts allowed), "loss_mask" [b, s]
 (1 where tokens[:, t] is a generated token), "label" [b] float32 C(x) (NaN = unknown, masked),
-optional "weight" [b] (importance ratios p_ref/proposal, self-normalized) and "attention_mask" [b, s].
+optional "attention_mask" [b, s] and "proposal_logp" [b]: log proposal(y) of each continuation (the
+distribution it was sampled from, up to a constant common to the sample set). With it, each sequence
+is weighted by p_ref(y)/proposal(y) (self-normalized), p_ref(y) from the reference logits the step
+computes anyway: this corrects tempered or guided sampling and a stale sampling LLM (a top-p
+proposal never draws the tokens it cuts: no weight restores those).
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import functools
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from regft_jax import sharding as shd
-from regft_jax.losses import aux_loss, aux_slot_weights
+from regft_jax.losses import aux_loss, importance_weights, sequence_log_prob
 from regft_jax.models import ModelConfig, abstract_params, forward, param_logical_axes
 from regft_jax.models.aux import aux_abstract_params, aux_logical_axes, aux_logits
 from regft_jax.train.steps import TrainState, accumulated_value_and_grad, guarded_update
@@ -30,9 +35,17 @@ def aux_objective(aux_cfg: ModelConfig, aux_params: dict, batch: dict, ref_logit
     """L_aux of `batch` given the reference LLM's logits on the same tokens ([b, s − from_slot, V]):
     both are taken from slot `from_slot` on, which leaves the loss unchanged when no target lies
     at or before it (loss_mask[:, :from_slot + 1] = 0, see `sample_window`)."""
+    tokens, mask = batch["tokens"][:, from_slot:], batch["loss_mask"][:, from_slot:]
     z = aux_logits(aux_cfg, aux_params, batch["tokens"], batch.get("attention_mask"), from_slot=from_slot)
-    return aux_loss(z, batch["tokens"][:, from_slot:], batch["label"], batch["loss_mask"][:, from_slot:],
-                    ref_logits, beta=beta, weights=batch.get("weight"))
+    weights = None
+    if "proposal_logp" in batch:
+        weights = importance_weights(sequence_log_prob(ref_logits, tokens, mask), batch["proposal_logp"])
+    loss, metrics = aux_loss(z, tokens, batch["label"], mask, ref_logits, beta=beta, weights=weights)
+    if weights is not None:  # effective sample size of the batch, as a fraction of its valid rows
+        w = jnp.where(jnp.isfinite(batch["label"]), weights, 0.0)
+        w = w / jnp.maximum(w.max(), 1e-30)  # (w² of unscaled weights can overflow float32)
+        metrics["ess"] = w.sum() ** 2 / jnp.maximum((w ** 2).sum() * jnp.isfinite(batch["label"]).sum(), 1e-30)
+    return loss, metrics
 
 
 def sample_window(batch: dict, sample_tokens: Optional[int]) -> int:
@@ -42,16 +55,11 @@ def sample_window(batch: dict, sample_tokens: Optional[int]) -> int:
     return 0 if sample_tokens is None else max(batch["tokens"].shape[1] - sample_tokens - 1, 0)
 
 
-def aux_target_weight(batch: dict) -> jax.Array:
-    """The normalizer of `aux_loss` on `batch` (Σ_i w m_i, see `aux_slot_weights`)."""
-    return aux_slot_weights(batch["label"], batch["loss_mask"], batch.get("weight")).sum()
-
-
 def aux_step(aux_cfg: ModelConfig, llm_cfg: ModelConfig, optimizer: optax.GradientTransformation, beta: float,
              state: TrainState, ref_params: Any, batch: dict, accum_steps: int = 1,
              sample_tokens: Optional[int] = None) -> tuple[TrainState, dict]:
     """One optimizer step of the auxiliary model; p_ref = the frozen LLM `ref_params`. The gradient is
-    accumulated over `accum_steps` microbatches (exact: see `aux_target_weight`). `sample_tokens`:
+    accumulated over `accum_steps` microbatches (exact: each weighted by its normalizer "aux_weight"). `sample_tokens`:
     the batch's last columns that are generated, the rest a prompt without targets (`sample_window`)."""
     start = sample_window(batch, sample_tokens)
 
@@ -61,7 +69,7 @@ def aux_step(aux_cfg: ModelConfig, llm_cfg: ModelConfig, optimizer: optax.Gradie
         return aux_objective(aux_cfg, params, batch, ref_logits, beta, start)
 
     (loss, metrics), grads = accumulated_value_and_grad(objective, state.params, batch, accum_steps,
-                                                        aux_target_weight)
+                                                        "aux_weight")  # Σ_i w m_i, the loss's normalizer
     return guarded_update(state, optimizer, grads, loss, metrics)
 
 

@@ -22,27 +22,29 @@ from regft_jax import checkpoint
 from regft_jax.data.batching import MixtureBatcher
 from regft_jax.data.offline import default_cache_dir
 from regft_jax.data.pipeline import Corpus
+from regft_jax.data.tokenizer import check_vocab
 from regft_jax.models.factory import model_from_config
 from regft_jax.sharding import abstract_on
-from regft_jax.train.loop import global_batches, run_steps, summarize
+from regft_jax.train.loop import corpus_keys, global_batches, run_steps, summarize
 from regft_jax.train.steps import init_train_state, jit_sharded, make_optimizer, sft_step, train_state_shardings
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def train_lm(cfg, params, mesh, batcher: MixtureBatcher, optim, *, steps: int, desc: str,
-             ckpt: Optional[checkpoint.RunCheckpointer] = None, every: int = 0):
+             ckpt: Optional[checkpoint.RunCheckpointer] = None, every: int = 0, document_attention: bool = True):
     """Plain LM training (SFT) of `params` for `steps` steps on `batcher`'s mixture.
     Returns (params, history). `params` is not modified (the state holds a copy).
 
     With `ckpt`: the state is checkpointed every `every` steps and at the end, and training
     continues from the latest checkpoint there (batches are a function of the step, so a resumed
-    run ends with the same parameters as an uninterrupted one)."""
+    run ends with the same parameters as an uninterrupted one). document_attention: packed rows'
+    attention and RoPE stay within each document (else one causal stream per row)."""
     optimizer = make_optimizer(optim.learning_rate, weight_decay=optim.weight_decay, grad_clip=optim.grad_clip,
                                warmup_steps=optim.warmup_steps, total_steps=steps)
     state_sh = train_state_shardings(mesh, cfg, optimizer)
     init = jax.jit(functools.partial(init_train_state, optimizer=optimizer), out_shardings=state_sh)
-    batches = global_batches(batcher, mesh)
+    batches = global_batches(batcher, mesh, keys=corpus_keys(document_attention))
     step = jit_sharded(functools.partial(sft_step, cfg, optimizer, accum_steps=optim.get("accum_steps", 1)), mesh,
                        state_sh, batches(0))
     start, done, save = 0, [], None
@@ -65,7 +67,7 @@ def _cache_key(config, vocab_size: int) -> str:
     parts = {"v": CACHE_VERSION, "arch": config.model.arch.to_dict(), "base": config.base.to_dict(),
              "seed": config.seed, "vocab": vocab_size,
              "data": {k: config.data[k] for k in ("source", "vocab_size", "valid_fraction", "num_prompts",
-                                                  "seq_len", "tokenizer")}}
+                                                  "seq_len", "tokenizer", "document_attention")}}
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -74,6 +76,7 @@ def base_model(config, mesh, corpus: Corpus):
     """Returns (model config, params on `mesh`, info dict)."""
     if config.model.source != "random":
         cfg, params = model_from_config(config.model, mesh, seed=config.seed)
+        check_vocab(corpus.tokenizer.vocab_size, cfg.vocab_size, model_key=f"config.model.path={config.model.path!r}")
         return cfg, params, {"source": config.model.source, "path": config.model.path}
     vocab = corpus.tokenizer.vocab_size
     config.model.arch.vocab_size = vocab  # the architecture follows the tokenizer
@@ -91,7 +94,8 @@ def base_model(config, mesh, corpus: Corpus):
     start = time.time()
     batcher = MixtureBatcher(corpus.packed("train", config.data.seq_len), dict(config.base.proportions),
                              config.base.batch_size, seed=config.seed)
-    params, history = train_lm(cfg, params, mesh, batcher, config.base, steps=config.base.steps, desc="pretrain")
+    params, history = train_lm(cfg, params, mesh, batcher, config.base, steps=config.base.steps, desc="pretrain",
+                               document_attention=config.data.document_attention)
     seconds = time.time() - start
     print(summarize(history, ["loss", "grad_norm"]))
     info = {"steps": config.base.steps, "seconds": seconds, "final_loss": history[-1]["loss"],

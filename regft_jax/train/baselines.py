@@ -46,7 +46,7 @@ def sft_baseline(config, mesh, corpus: Corpus, cfg, base_params, *, workdir: Opt
             ckpt.delete_all()
     try:
         return train_lm(cfg, base_params, mesh, batcher, optim, steps=m.iterations * m.llm_steps, desc=desc,
-                        ckpt=ckpt, every=m.checkpoint_every)
+                        ckpt=ckpt, every=m.checkpoint_every, document_attention=config.data.document_attention)
     finally:
         if ckpt is not None:
             ckpt.close()

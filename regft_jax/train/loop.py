@@ -28,6 +28,13 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/Inf; nothing after the offending step is kept."""
 
 
+def corpus_keys(document_attention: bool, extra: Iterable[str] = ()) -> tuple[str, ...]:
+    """The `MixtureBatcher` keys a corpus step reads: tokens and loss_mask, plus segment_ids and
+    positions with document attention (`models.packed_inputs`), plus `extra` (e.g. "domain")."""
+    keys = ("tokens", "loss_mask") + (("segment_ids", "positions") if document_attention else ())
+    return keys + tuple(k for k in extra if k not in keys)
+
+
 def global_batches(batcher: MixtureBatcher, mesh, keys: Iterable[str] = ("tokens", "loss_mask")) -> Callable:
     """step -> global batch (dict of jax.Array sharded over the data axes). Each process reads
     only its own rows of the deterministic global batch."""

@@ -23,10 +23,11 @@ from flax import struct
 
 from regft_jax import sharding as shd
 from regft_jax.errors import UserInputError
-from regft_jax.losses import ANCHOR, CLOSED_FORM, domain_regularizers, regularized_lm_loss
-from regft_jax.models import ModelConfig, abstract_params, forward, param_logical_axes
+from regft_jax.losses import (ANCHOR, CLOSED_FORM, NONE, closed_form_regularizer, domain_regularizers,
+                              regularized_lm_loss)
+from regft_jax.models import ModelConfig, abstract_params, forward, packed_inputs, param_logical_axes
 from regft_jax.models.aux import aux_logits
-from regft_jax.train.aux import aux_state_shardings, aux_step
+from regft_jax.train.aux import aux_state_shardings, aux_step, sample_window
 from regft_jax.train.steps import (TrainState, accumulated_value_and_grad, guarded_update, target_count,
                                    train_state_shardings)
 
@@ -50,6 +51,8 @@ class MethodSpec:
     accum_steps: microbatches per step (`accumulated_value_and_grad`, strided rows), for the LLM's
     and, in `joint_step`, the auxiliary model's update; it must divide every domain's row count.
     sample_tokens: the generated columns at the end of each sample row (`aux_step`); None: any column.
+    sample_lambda: weight of Ω_tox at the prefixes of sampled continuations (`sample_regularizer`;
+    0: corpus positions only).
     """
 
     kinds: tuple[str, ...]
@@ -59,6 +62,7 @@ class MethodSpec:
     domain_rows: Optional[tuple[int, ...]] = None
     accum_steps: int = 1
     sample_tokens: Optional[int] = None
+    sample_lambda: float = 0.0
 
     def __post_init__(self):
         if self.p_ref not in P_REF:
@@ -75,11 +79,18 @@ class MethodSpec:
 
     @classmethod
     def from_config(cls, method, toxic: tuple[bool, ...], domain_rows=None) -> "MethodSpec":
+        """`method.reg_prefixes` says where Ω_tox applies: "corpus" (the corpus positions of its
+        domains), "samples" (the prefixes of sampled continuations, weight `lambda_samples`; the
+        corpus keeps its Ω_keep domains, if adaptive) or "both"."""
         kinds, lambdas = domain_regularizers(method.adaptive, toxic, method.lambda_toxic, method.lambda_keep)
+        prefixes = method.get("reg_prefixes", "corpus")
+        if prefixes == "samples":
+            kinds = tuple(NONE if k == CLOSED_FORM else k for k in kinds)
         return cls(kinds, tuple(float(x) for x in lambdas), method.p_ref, float(method.beta),
                    None if domain_rows is None else tuple(int(n) for n in domain_rows),
                    int(method.get("accum_steps", 1)),
-                   None if method.get("sample_tokens") is None else int(method.sample_tokens))
+                   None if method.get("sample_tokens") is None else int(method.sample_tokens),
+                   float(method.get("lambda_samples", method.lambda_toxic)) if prefixes != "corpus" else 0.0)
 
     def rows(self, kind: str, batch: int) -> tuple[int, int]:
         """The (static) row range covering every row whose domain uses regularizer `kind`."""
@@ -95,6 +106,7 @@ class MethodSpec:
 
     @property
     def needs_aux(self) -> bool:
+        """Whether corpus positions need z (the auxiliary model's logits)."""
         return CLOSED_FORM in self.kinds
 
 
@@ -105,34 +117,60 @@ def llm_objective(llm_cfg: ModelConfig, aux_cfg: ModelConfig, spec: MethodSpec, 
     p_ref = stop_gradient(current logits) ("current": no extra forward) or the snapshot's logits;
     z = the auxiliary model's logits (not trained by this loss); the anchor's logits for Ω_keep.
     Each extra forward runs on the row range that needs it (`MethodSpec.rows`), zeros elsewhere."""
-    inputs = batch["tokens"][:, :-1]
-    logits = forward(llm_cfg, params, inputs)
-    b = inputs.shape[0]
+    inputs = packed_inputs(batch)  # with segment ids: attention and RoPE within each packed document
+    logits = forward(llm_cfg, params, **inputs)
+    b = logits.shape[0]
 
     def on_rows(kind, fn):
         lo, hi = spec.rows(kind, b)
-        out = jax.lax.stop_gradient(fn(inputs[lo:hi]))
+        out = jax.lax.stop_gradient(fn({k: v[lo:hi] for k, v in inputs.items()}))
         return jnp.pad(out, ((lo, b - hi),) + ((0, 0),) * (out.ndim - 1))
 
     ref_logits = z = anchor_logits = None
     if spec.needs_aux:
         ref_logits = (jax.lax.stop_gradient(logits) if spec.p_ref == "current"
-                      else on_rows(CLOSED_FORM, lambda x: forward(llm_cfg, frozen.snapshot, x)))
-        z = on_rows(CLOSED_FORM, lambda x: aux_logits(aux_cfg, aux_params, x))
+                      else on_rows(CLOSED_FORM, lambda x: forward(llm_cfg, frozen.snapshot, **x)))
+        z = on_rows(CLOSED_FORM, lambda x: aux_logits(aux_cfg, aux_params, x.pop("input_ids"), **x))
     if spec.needs_anchor:
-        anchor_logits = on_rows(ANCHOR, lambda x: forward(llm_cfg, frozen.anchor, x))
+        anchor_logits = on_rows(ANCHOR, lambda x: forward(llm_cfg, frozen.anchor, **x))
     return regularized_lm_loss(logits, batch["tokens"][:, 1:], batch["loss_mask"][:, 1:], batch["domain"],
                                kinds=spec.kinds, lambdas=spec.lambdas, ref_logits=ref_logits, z=z,
                                anchor_logits=anchor_logits)
 
 
+def sample_regularizer(llm_cfg: ModelConfig, aux_cfg: ModelConfig, spec: MethodSpec, params, aux_params,
+                       frozen: Frozen, samples: dict):
+    """λ_s · mean Ω_tox(θ; h) over the prefixes h of sampled continuations (the prefix before each
+    generated token, prompt included), q = p_ref · R at those prefixes. Sample rows as in `aux_step`
+    (left-padded prompt + continuation, loss_mask on the generated tokens); the vocabulary
+    projections run on the continuation's slots only (`sample_window`)."""
+    start = sample_window(samples, spec.sample_tokens)
+    tokens, attention = samples["tokens"], samples.get("attention_mask")
+    logits = forward(llm_cfg, params, tokens, attention_mask=attention, from_slot=start)
+    ref = (jax.lax.stop_gradient(logits) if spec.p_ref == "current"
+           else forward(llm_cfg, frozen.snapshot, tokens, attention_mask=attention, from_slot=start))
+    z = jax.lax.stop_gradient(aux_logits(aux_cfg, aux_params, tokens, attention, from_slot=start))
+    prefix = samples["loss_mask"][:, start + 1:].astype(jnp.float32)  # slot t predicts generated token t + 1
+    omega = closed_form_regularizer(jax.lax.stop_gradient(ref), z, logits)[:, :-1]
+    mean = jnp.where(prefix > 0, omega, 0.0).sum() / jnp.maximum(prefix.sum(), 1.0)
+    return spec.sample_lambda * mean, {"omega_samples": mean}
+
+
 def llm_step(llm_cfg, aux_cfg, spec: MethodSpec, optimizer, state: TrainState, aux_params, frozen: Frozen,
-             batch: dict):
+             batch: dict, sample_batch: Optional[dict] = None):
     """One guarded optimizer step of the LLM on L(θ) with the auxiliary model `aux_params` fixed, its
-    gradient accumulated over `spec.accum_steps` microbatches (exact: L is a ratio over `target_count`)."""
+    gradient accumulated over `spec.accum_steps` microbatches (exact: L is a ratio over `target_count`);
+    with `spec.sample_lambda` > 0, plus `sample_regularizer` on `sample_batch` (one pass, not
+    microbatched)."""
     objective = lambda params, mb: llm_objective(llm_cfg, aux_cfg, spec.microbatch, params, aux_params, frozen, mb)
     (loss, metrics), grads = accumulated_value_and_grad(objective, state.params, batch, spec.accum_steps,
                                                         target_count, key="config.method.accum_steps")
+    if spec.sample_lambda > 0:
+        (reg, reg_metrics), reg_grads = jax.value_and_grad(
+            lambda p: sample_regularizer(llm_cfg, aux_cfg, spec, p, aux_params, frozen, sample_batch),
+            has_aux=True)(state.params)
+        loss, grads = loss + reg, jax.tree.map(jnp.add, grads, reg_grads)
+        metrics = {**metrics, **reg_metrics, "reg_loss": metrics["reg_loss"] + reg}
     return guarded_update(state, optimizer, grads, loss, metrics)
 
 
@@ -142,10 +180,11 @@ def joint_step(llm_cfg, aux_cfg, spec: MethodSpec, llm_opt, aux_opt, llm_state: 
     auxiliary model as it was, the auxiliary model against the LLM as it was (or the snapshot)."""
     ref = frozen.snapshot if spec.p_ref == "snapshot" else llm_state.params
     new_llm, llm_metrics = llm_step(llm_cfg, aux_cfg, spec, llm_opt, llm_state, aux_state.params, frozen,
-                                    corpus_batch)
+                                    corpus_batch, sample_batch)
     new_aux, aux_metrics = aux_step(aux_cfg, llm_cfg, aux_opt, spec.beta, aux_state, ref, sample_batch,
                                     spec.accum_steps, spec.sample_tokens)
-    metrics = {**{f"llm/{k}": v for k, v in llm_metrics.items()}, **{f"aux/{k}": v for k, v in aux_metrics.items()}}
+    metrics = {**{f"llm/{k}": v for k, v in llm_metrics.items()}, **{f"aux/{k}": v for k, v in aux_metrics.items()},
+               "llm/aux_version": aux_state.step.astype(jnp.float32)}  # aux updates behind the LLM's R
     return new_llm, new_aux, metrics
 
 
@@ -179,15 +218,17 @@ def make_joint_step(llm_cfg, aux_cfg, spec: MethodSpec, llm_opt, aux_opt, mesh, 
 
 
 def make_llm_step(llm_cfg, aux_cfg, spec: MethodSpec, llm_opt, aux_opt, mesh, frozen: Frozen,
-                  corpus_example: dict, rules=None):
-    """`llm_step` jitted: fn(llm_state, aux_params, frozen, batch) -> (llm_state, metrics)."""
+                  corpus_example: dict, sample_example: dict, rules=None):
+    """`llm_step` jitted: fn(llm_state, aux_params, frozen, batch, sample_batch) -> (llm_state, metrics)
+    (`sample_batch` is read only when `spec.sample_lambda` > 0)."""
 
-    def traced(llm_state, aux_params, frozen, batch):
+    def traced(llm_state, aux_params, frozen, batch, sample_batch):
         with shd.use_mesh(mesh, rules):
-            return llm_step(llm_cfg, aux_cfg, spec, llm_opt, llm_state, aux_params, frozen, batch)
+            return llm_step(llm_cfg, aux_cfg, spec, llm_opt, llm_state, aux_params, frozen, batch, sample_batch)
 
     llm_sh = train_state_shardings(mesh, llm_cfg, llm_opt, rules)
     aux_sh = aux_state_shardings(mesh, aux_cfg, aux_opt, rules)
     return jax.jit(traced, in_shardings=(llm_sh, aux_sh.params, frozen_shardings(mesh, llm_cfg, frozen, rules),
-                                         shd.tree_batch_shardings(mesh, corpus_example, rules)),
+                                         shd.tree_batch_shardings(mesh, corpus_example, rules),
+                                         shd.tree_batch_shardings(mesh, sample_example, rules)),
                    out_shardings=(llm_sh, shd.replicated(mesh)), donate_argnums=(0,))

@@ -1,22 +1,35 @@
 """The method's drivers: sample → label → train, in the `sequential` or `parallel` schedule.
 
-sequential, iteration t:  ref ← θ;  samples ~ ref, labeled by the oracle (waited for);
-                          N_aux aux steps on them;  N_llm LLM steps with q = p_ref · R_φ.
-parallel, iteration t:    samples ~ θ_{t-1} are generated (device) and labeled in a background
-                          thread while `joint_step`s run on the samples of the iteration before;
-                          each joint step trains the LLM against the auxiliary model as it was and
-                          the auxiliary model on those samples. The oracle is never waited for
-                          inside an iteration; labels switch at iteration boundaries (one
-                          iteration of lag, reported as `sample_lag`), which keeps runs
-                          deterministic and resumable.
+Iteration t = 1..T runs LLM steps (t−1)·L+1 .. t·L (L = `llm_steps`); θ_{t−1} is the LLM after
+step (t−1)·L (θ_0 = the base model). In both schedules the auxiliary model of iteration t trains on
+samples of θ_{t−1}, and every LLM step is regularized with q = p_ref · R_φ, φ = the auxiliary
+model as it is at that step:
+
+sequential, iteration t:  samples ~ θ_{t−1}, labeled (waited for); `aux_steps` aux steps on them;
+                          then L LLM steps, all with that φ (trained on samples of θ_0..θ_{t−1}).
+parallel, iteration t:    samples ~ θ_{t−1} (drawn at the iteration's start); L `joint_step`s,
+                          each updating the LLM against φ as it was before the step and φ on the
+                          samples of θ_{t−1}. The oracle's labels are computed in a background
+                          thread chunk by chunk, so a step waits only for the rows it trains on.
+                          The LLM step k uses the auxiliary model after k − 1 aux updates: at an
+                          iteration's first step, the auxiliary model of iteration t − 1.
+
+Metrics name the provenance of every update: `aux/samples_from_step` (the LLM step whose
+parameters drew the samples of that aux update; 0 = the base model), `sample_lag_steps` (the
+LLM steps between those parameters and the step's), `llm/aux_version` (the auxiliary model's update
+count behind the LLM step's R).
 
 Samples are continuations of prompts drawn from the training split (never the evaluation
-prompts); the oracle scores the continuation (`label_text="continuation"`) or prompt +
-continuation (`"full"`).
+prompts); the training oracle (`method.oracle`) scores the continuation (`label_text=
+"continuation"`) or prompt and continuation decoded together (`"full"`). With
+`method.importance_weights`, each sample is weighted by p_ref(y)/proposal(y) in the aux loss
+(self-normalized, so consistent rather than unbiased): this corrects tempered, guided or stale
+proposals; a nucleus (top-p < 1) proposal never draws the tokens it cuts, which no weight restores. With `method.reg_prefixes`
+"samples" or "both", Ω_tox also applies at the prefixes of the sampled continuations.
 
 Checkpoints (`<workdir>/checkpoints/<name>/`, every `method.checkpoint_every` LLM steps and at the
-end) hold both train states, the snapshot, the sample buffers and the schedule position; a run
-started again in the same work directory resumes from the latest one and reaches the same
+end) hold both train states, the snapshot, the labeled sample set and the schedule position; a
+run started again in the same work directory resumes from the latest one and reaches the same
 parameters as an uninterrupted run (`method.resume=False`: the checkpoints are deleted, the run
 starts over).
 """
@@ -41,17 +54,20 @@ from tqdm import tqdm
 from regft_jax import sampling
 from regft_jax.checkpoint import RunCheckpointer
 from regft_jax.data.batching import MixtureBatcher
-from regft_jax.data.pipeline import Corpus
+from regft_jax.data.mixture import prompt_of
+from regft_jax.data.pipeline import Corpus, check_domains
 from regft_jax.config_utils import require
 from regft_jax.models.aux import aux_config, init_aux_params
+from regft_jax.oracles.base import OracleError
 from regft_jax.sharding import abstract_on
 from regft_jax.train.aux import aux_state_shardings, make_aux_step
-from regft_jax.train.loop import NonFiniteLossError, global_batches
+from regft_jax.train.loop import NonFiniteLossError, corpus_keys, global_batches
 from regft_jax.train.method import P_REF, Frozen, MethodSpec, make_joint_step, make_llm_step
 from regft_jax.train.steps import TrainState, init_train_state, make_optimizer, train_state_shardings
 from regft_jax.train.tensorboard import SummaryWriter
 
 SCHEDULES = ("parallel", "sequential")
+REG_PREFIXES = ("corpus", "samples", "both")  # where Ω_tox applies (DESIGN §1)
 
 
 def check_method_config(config) -> None:
@@ -61,36 +77,73 @@ def check_method_config(config) -> None:
     require(config, "method.p_ref", m.p_ref in P_REF, f"one of {P_REF}")
     require(config, "method.aux_init", m.aux_init in ("llm", "fresh"), "'llm' or 'fresh'")
     require(config, "method.label_text", m.label_text in ("continuation", "full"), "'continuation' or 'full'")
+    require(config, "method.reg_prefixes", m.reg_prefixes in REG_PREFIXES, f"one of {REG_PREFIXES}")
+    if m.reg_prefixes != "corpus":
+        require(config, "method.lambda_samples", m.lambda_samples > 0,
+                f"> 0 with reg_prefixes={m.reg_prefixes!r} (Ω_tox at the sampled prefixes)")
     for key in ("iterations", "llm_steps", "batch_size", "samples_per_iteration", "sample_batch_size",
                 "sample_tokens", "aux_layers", "accum_steps"):
         require(config, f"method.{key}", m[key] >= 1, "an integer >= 1")
+    if m.schedule == "sequential":
+        require(config, "method.aux_steps", m.aux_steps >= 1,
+                "an integer >= 1 with the sequential schedule (0 would leave R constant: no regularization)")
+    require(config, "method.sample_temperature", m.sample_temperature > 0, "> 0 (samples must come from a distribution)")
+    require(config, "method.sample_top_p", 0 < m.sample_top_p <= 1, "in (0, 1]")
 
 
 @dataclasses.dataclass
 class Samples:
-    """One labeled sample set: the auxiliary model's training rows."""
+    """One sample set: the auxiliary model's training rows (and the LLM's sampled prefixes)."""
 
     tokens: np.ndarray  # [n, P + N] left-padded prompt + continuation
     loss_mask: np.ndarray  # [n, P + N] 1 on generated tokens
     attention_mask: np.ndarray  # [n, P + N] 1 on real tokens
-    label: np.ndarray  # [n] C(x) = 1 − P(violation); NaN = oracle failure (masked)
-    iteration: int  # the LLM iteration that produced them
+    label: np.ndarray  # [n] C(x) = 1 − P(violation); NaN = oracle failure (masked) or not labeled yet
+    proposal_logp: np.ndarray  # [n] log proposal(y) of the continuation, up to a constant of the set
+    step: int  # provenance: the LLM step whose parameters drew them (0: the base model)
 
-    def arrays(self) -> dict:
-        return {"tokens": self.tokens, "loss_mask": self.loss_mask, "attention_mask": self.attention_mask,
-                "label": self.label}
+    ARRAYS = ("tokens", "loss_mask", "attention_mask", "label", "proposal_logp")
+
+    def arrays(self, importance_weights: bool = True) -> dict:
+        return {k: getattr(self, k) for k in self.ARRAYS if importance_weights or k != "proposal_logp"}
 
     @classmethod
-    def empty(cls, n: int, length: int, iteration: int) -> "Samples":
+    def empty(cls, n: int, length: int, step: int) -> "Samples":
         """A buffer of the right shapes (the restore target of a checkpointed one)."""
         z = np.zeros((n, length), np.int32)
         return cls(tokens=z, loss_mask=z.copy(), attention_mask=z.copy(), label=np.zeros(n, np.float32),
-                   iteration=iteration)
+                   proposal_logp=np.zeros(n, np.float32), step=step)
 
-    def batch(self, k: int, size: int) -> dict:
-        """The k-th batch of `size` rows, cycling over the set."""
-        rows = (np.arange(size) + k * size) % self.label.shape[0]
-        return {key: value[rows] for key, value in self.arrays().items()}
+    def rows(self, k: int, size: int) -> np.ndarray:
+        """The rows of the k-th batch of `size`, cycling over the set."""
+        return (np.arange(size) + k * size) % self.label.shape[0]
+
+
+def oracle_labels(tokenizer, oracle, samples: Samples, lo: int, hi: int, label_text: str) -> np.ndarray:
+    """C(x) = 1 − P(violation) of sample rows lo..hi−1: the oracle reads the continuation, or
+    (`label_text="full"`) prompt and continuation decoded together, as one token sequence."""
+    keep = (samples.loss_mask if label_text == "continuation" else samples.attention_mask)[lo:hi]
+    texts = tokenizer.decode_batch([row[m > 0] for row, m in zip(samples.tokens[lo:hi], keep)])
+    return 1.0 - np.asarray(oracle.score(texts), np.float32)  # NaN (a failure) stays NaN
+
+
+class PendingLabels:
+    """The oracle's labels of a sample set, computed in a background thread chunk by chunk (in row
+    order), so that a step waits only for the rows it trains on, never for the whole set."""
+
+    def __init__(self, samples: Samples, label_rows, pool, chunk: int):
+        self.samples, self.chunk = samples, chunk
+        n = samples.label.shape[0]
+        self.futures = {j: pool.submit(label_rows, samples, lo, min(lo + chunk, n))
+                        for j, lo in enumerate(range(0, n, chunk))}
+
+    def wait_rows(self, rows: np.ndarray) -> None:
+        for j in sorted({int(r) // self.chunk for r in rows} & set(self.futures)):
+            self.samples.label[j * self.chunk:(j + 1) * self.chunk] = self.futures.pop(j).result()
+
+    def complete(self) -> Samples:
+        self.wait_rows(np.arange(self.samples.label.shape[0]))
+        return self.samples
 
 
 class Sampler:
@@ -98,22 +151,26 @@ class Sampler:
 
     def __init__(self, cfg, corpus: Corpus, oracle, method, mesh, seed: int, prompt_words: int):
         self.cfg, self.corpus, self.oracle, self.method, self.mesh = cfg, corpus, oracle, method, mesh
+        check_domains("config.method.sample_domains", method.sample_domains, corpus.domains)
         tok = corpus.tokenizer
-        texts = [" ".join(e.text.split()[:prompt_words]) for d in method.sample_domains for e in corpus.train[d]]
+        texts = [prompt_of(e.text, prompt_words) for d in method.sample_domains for e in corpus.train[d]]
         ids = tok.encode_batch(texts, add_bos=tok.bos_id is not None)
         # One padded prompt length for every sample batch (one compilation): the 95th percentile,
         # so the few long prompts (a 6-"word" URL can be 200 tokens) do not pad all the rest (the
         # sampler and the auxiliary update read every padded column); longer prompts keep their
-        # last tokens. A multiple of 8 (the sampler compiles for this one length).
+        # BOS and their last tokens. A multiple of 8 (the sampler compiles for this one length).
         self.prompt_len = 8 * -(-int(np.percentile([len(i) for i in ids], 95)) // 8)
-        self.prompts = [i[-self.prompt_len:] for i in ids]
+        keep_bos = tok.bos_id is not None
+        self.prompts = [list(i) if len(i) <= self.prompt_len else
+                        list(i[:1]) * keep_bos + list(i[len(i) - self.prompt_len + keep_bos:]) for i in ids]
         self.fn = sampling.make_sampler(cfg, mesh, max_new_tokens=method.sample_tokens,
                                         use_top_p=method.sample_top_p < 1, eos_id=tok.eos_id, pad_id=tok.pad_id or 0)
         self.seed = seed
 
-    def generate(self, params, iteration: int):
+    def generate(self, params, iteration: int, step: int):
         """Dispatch generation (asynchronous: returns device arrays at once). The prompts and the
-        sampling key are functions of (seed, iteration) only, so resumed runs draw the same."""
+        sampling key are functions of (seed, iteration) only, so resumed runs draw the same.
+        `step`: the LLM step of `params` (the samples' provenance)."""
         n = self.method.samples_per_iteration
         chosen = np.random.default_rng((self.seed, iteration)).choice(len(self.prompts), n,
                                                                       replace=n > len(self.prompts))
@@ -121,22 +178,34 @@ class Sampler:
                                             self.corpus.tokenizer.pad_id or 0)
         out = self.fn(params, None, tokens, mask, jax.random.key(self.seed * 100_003 + iteration),
                       jnp.float32(self.method.sample_temperature), jnp.float32(self.method.sample_top_p))
-        return tokens, mask, out, iteration
+        return tokens, mask, out, step
 
-    def label(self, generated) -> Samples:
-        """Wait for the tokens, decode, score with the oracle (host work; runs in a thread)."""
-        tokens, mask, out, iteration = generated
+    @staticmethod
+    def collect(generated) -> Samples:
+        """Wait for the generated tokens: the sample set, not labeled yet (labels NaN)."""
+        tokens, mask, out, step = generated
         out = jax.device_get(out)
-        cont = [row[:m.sum()] for row, m in zip(out.tokens, out.mask)]
-        tok = self.corpus.tokenizer
-        texts = tok.decode_batch(cont)
-        if self.method.label_text == "full":
-            texts = [p + t for p, t in zip(tok.decode_batch([r[m > 0] for r, m in zip(tokens, mask)]), texts)]
-        label = 1.0 - np.asarray(self.oracle.score(texts), np.float32)  # C(x): NaN stays NaN
+        # log proposal(y), shifted by the set's mean log weight under the sampling LLM (a constant
+        # of the set, which self-normalized weights ignore) so that exp stays in range
+        logp = out.logprobs.sum(-1)
+        shift = float(np.mean(out.ref_logprobs.sum(-1) - logp))
         return Samples(tokens=np.concatenate([tokens, out.tokens], 1).astype(np.int32),
                        loss_mask=np.concatenate([np.zeros_like(mask), out.mask], 1).astype(np.int32),
                        attention_mask=np.concatenate([mask, out.mask], 1).astype(np.int32),
-                       label=label, iteration=iteration)
+                       label=np.full(tokens.shape[0], np.nan, np.float32),
+                       proposal_logp=(logp + shift).astype(np.float32), step=step)
+
+    def label_rows(self, samples: Samples, lo: int, hi: int) -> np.ndarray:
+        """`oracle_labels` of rows lo..hi−1 (host work; runs in a thread)."""
+        return oracle_labels(self.corpus.tokenizer, self.oracle, samples, lo, hi, self.method.label_text)
+
+    def label_all(self, samples: Samples) -> Samples:
+        samples.label[:] = self.label_rows(samples, 0, samples.label.shape[0])
+        return samples
+
+    def draw(self, params, iteration: int, step: int) -> Samples:
+        """Generate and label a whole sample set (waits for both)."""
+        return self.label_all(self.collect(self.generate(params, iteration, step)))
 
 
 def _copy(tree):
@@ -182,46 +251,41 @@ def run_fingerprint(config, name: str, method_keys=None) -> str:
 
 @dataclasses.dataclass
 class RunState:
-    """Everything a checkpoint holds: both train states, the frozen parameters, the sample buffers
-    (the set the auxiliary model trains on and, mid-iteration of the parallel schedule, the labeled
-    set in flight) and the position in the schedule."""
+    """Everything a checkpoint holds: both train states, the frozen parameters, the labeled sample
+    set of the current iteration and the position in the schedule."""
 
     llm: TrainState
     aux: TrainState
     frozen: Frozen
     samples: Optional[Samples]
-    next_samples: Optional[Samples] = None
     step: int = 0
     history: list = dataclasses.field(default_factory=list)
     label_wait: float = 0.0  # seconds the host waited for the oracle
 
 
 def save_run(ckpt: RunCheckpointer, run: RunState) -> None:
-    buffers = {k: b for k, b in (("current", run.samples), ("next", run.next_samples)) if b is not None}
-    arrays = {"llm": run.llm, "aux": run.aux, **{k: b.arrays() for k, b in buffers.items()}}
+    arrays = {"llm": run.llm, "aux": run.aux, "samples": run.samples.arrays()}
     if run.frozen.snapshot is not None:
         arrays["snapshot"] = run.frozen.snapshot
     ckpt.save(run.step, arrays, {
         "step": run.step, "history": run.history, "label_wait_s": run.label_wait,
-        "buffers": {k: {"n": b.label.shape[0], "length": b.tokens.shape[1], "iteration": b.iteration}
-                    for k, b in buffers.items()}})
+        "samples": {"n": run.samples.label.shape[0], "length": run.samples.tokens.shape[1],
+                    "step": run.samples.step}})
 
 
 def restore_run(ckpt: RunCheckpointer, step: int, like: RunState) -> RunState:
     """The RunState saved at `step`; `like` gives the train states and the snapshot as abstract
     arrays (shapes, dtypes, shardings: nothing is allocated before the restore)."""
     meta = ckpt.restore_meta(step)
-    buffers = {k: Samples.empty(**v) for k, v in meta["buffers"].items()}
-    target = {"llm": like.llm, "aux": like.aux, **{k: b.arrays() for k, b in buffers.items()}}
+    buffer = Samples.empty(**meta["samples"])
+    target = {"llm": like.llm, "aux": like.aux, "samples": buffer.arrays()}
     if like.frozen.snapshot is not None:
         target["snapshot"] = like.frozen.snapshot
     arrays = ckpt.restore_state(step, target)
-    samples, next_samples = (Samples(**arrays[k], iteration=buffers[k].iteration) if k in buffers else None
-                             for k in ("current", "next"))
     return RunState(llm=arrays["llm"], aux=arrays["aux"],
                     frozen=dataclasses.replace(like.frozen, snapshot=arrays.get("snapshot")),
-                    samples=samples, next_samples=next_samples, step=meta["step"], history=meta["history"],
-                    label_wait=meta["label_wait_s"])
+                    samples=Samples(**arrays["samples"], step=buffer.step), step=meta["step"],
+                    history=meta["history"], label_wait=meta["label_wait_s"])
 
 
 class MethodRun:
@@ -246,7 +310,8 @@ class MethodRun:
         self.aux_opt = make_optimizer(method.aux_learning_rate, grad_clip=1.0)
         self.acfg = aux_config(cfg, method.aux_layers)
         self.sampler = Sampler(cfg, corpus, oracle, method, mesh, config.seed, config.data.prompt_words)
-        self.batches = global_batches(batcher, mesh, keys=("tokens", "loss_mask", "domain"))
+        self.batches = global_batches(batcher, mesh, keys=corpus_keys(config.data.document_attention,
+                                                                      ("domain",)))
         self.ckpt = None
         if workdir and method.checkpoint_every > 0:
             self.ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints", desc),
@@ -283,15 +348,18 @@ class MethodRun:
         resume_step = self.ckpt.latest_step() if self.ckpt is not None else None
         if resume_step is not None:
             self.ckpt.restore_meta(resume_step)  # a checkpoint of another config is refused before compiling
-        self.steps = self.compiler.submit(self._compile_steps, like, self.batches(0), Samples.empty(
-            method.sample_batch_size, self.sampler.prompt_len + method.sample_tokens, 0).arrays())
+        self.steps = self.compiler.submit(self._compile_steps, like, self.batches(0), self.sample_batch(Samples.empty(
+            method.sample_batch_size, self.sampler.prompt_len + method.sample_tokens, 0), 0))
         if resume_step is not None:  # restore onto abstract targets: no second copy of any state
             run = restore_run(self.ckpt, resume_step, like)
             print(f"{self.desc}: resumed from {self.ckpt.directory} at LLM step {run.step}/{self.num_steps}",
                   flush=True)
             return run
-        samples = self.sampler.label(self.sampler.generate(base_params, 0))  # bootstrap from the base model
-        mean_label = float(np.nanmean(samples.label)) if np.isfinite(samples.label).any() else 0.5
+        samples = self.sampler.draw(base_params, 1, 0)  # iteration 1's samples: from the base model θ_0
+        if not np.isfinite(samples.label).any():
+            raise OracleError(f"config.method.oracle={method.oracle!r}: scored none of the "
+                              f"{samples.label.shape[0]} bootstrap samples (every label failed)")
+        mean_label = float(np.nanmean(samples.label))
         return RunState(llm=init_llm(base_params), aux=init_aux(base_params, mean_label),
                         frozen=Frozen(anchor, _copy(base_params) if snapshot else None), samples=samples)
 
@@ -304,120 +372,129 @@ class MethodRun:
                                     corpus_batch, sample_batch)
             return {"joint": joint.lower(like.llm, like.aux, like.frozen, corpus_batch, sample_batch).compile()}
         llm_fn = make_llm_step(self.cfg, self.acfg, spec, self.llm_opt, self.aux_opt, mesh, like.frozen,
-                               corpus_batch)
+                               corpus_batch, sample_batch)
         aux_fn = make_aux_step(self.acfg, self.cfg, self.aux_opt, spec.beta, mesh=mesh, batch_example=sample_batch,
                                accum_steps=spec.accum_steps, sample_tokens=spec.sample_tokens)
-        return {"llm": llm_fn.lower(like.llm, like.aux.params, like.frozen, corpus_batch).compile(),
+        return {"llm": llm_fn.lower(like.llm, like.aux.params, like.frozen, corpus_batch, sample_batch).compile(),
                 "aux": aux_fn.lower(like.aux, like.llm.params, sample_batch).compile()}
 
     # -- logging and checkpoints
 
-    def record(self, metrics_list: list, extra: dict) -> None:
-        """Fetch the metrics of the steps since the last call (waits for them) and log them."""
-        metrics_list = jax.device_get(metrics_list)
+    def record(self, pending: list) -> None:
+        """Fetch the metrics of the steps since the last call (waits for them) and log them;
+        `pending`: (device metrics, host metrics) per step."""
+        pending = jax.device_get(pending)
         now = time.time()
-        tokens = len(metrics_list) * self.method.batch_size * self.config.data.seq_len
-        extra = {**extra, "tokens_per_s": tokens / max(now - self.last_record, 1e-9)}
+        tokens = len(pending) * self.method.batch_size * self.config.data.seq_len
+        throughput = {"tokens_per_s": tokens / max(now - self.last_record, 1e-9)}
         self.last_record = now
         history = self.run.history
-        for m in metrics_list:
-            history.append({**{k: float(np.asarray(v)) for k, v in m.items()}, **extra})
+        for m, extra in pending:
+            history.append({**{k: float(np.asarray(v)) for k, v in m.items()}, **extra, **throughput})
             self.writer.write(len(history), history[-1])
         loss = history[-1].get("llm/loss")
         if loss is not None and not np.isfinite(loss):
             raise NonFiniteLossError(f"{self.desc}: non-finite LLM loss at step {len(history)}")
 
-    def log_and_checkpoint(self, pending: list, extra: dict, in_flight=None) -> None:
-        """Every `checkpoint_every` LLM steps and at the end: log, and checkpoint (with the labels of
-        `in_flight` samples, waited for, so the checkpoint holds every sample set in use)."""
+    def log_and_checkpoint(self, pending: list, labels: Optional[PendingLabels] = None) -> None:
+        """Every `checkpoint_every` LLM steps and at the end: log, and checkpoint (the sample set's
+        labels still being computed by `labels` are waited for: the checkpoint holds them all)."""
         run = self.run
         if run.step % self.every and run.step != self.num_steps:
             return
         if pending:
-            self.record(pending, extra)
+            self.record(pending)
             pending.clear()
         if self.ckpt is not None:
-            if in_flight is not None:
-                run.next_samples = self.wait(in_flight)
+            if labels is not None:
+                self.wait(labels.complete)
             save_run(self.ckpt, run)
-            run.next_samples = None
 
-    def wait(self, future):
+    def wait(self, fn, *args):
         t0 = time.time()
-        out = future.result()
+        out = fn(*args)
         self.run.label_wait += time.time() - t0
         return out
 
     def stopped(self) -> bool:
         return self.stop_after is not None and self.run.step >= self.stop_after
 
-    def sample_batch(self, samples: Samples, k: int) -> dict:
-        return samples.batch(k, self.method.sample_batch_size)
+    def sample_batch(self, samples: Samples, k: int, labels: Optional[PendingLabels] = None) -> dict:
+        """The k-th sample batch of `samples` (waiting for its rows' labels if they are pending)."""
+        rows = samples.rows(k, self.method.sample_batch_size)
+        if labels is not None:
+            self.wait(labels.wait_rows, rows)
+        return {key: v[rows] for key, v in samples.arrays(self.method.importance_weights).items()}
+
+    def new_samples(self, iteration: int, background: bool) -> Optional[PendingLabels]:
+        """The sample set of `iteration`, drawn from the current θ = θ_{iteration−1}, becomes the
+        current one; its labels are computed now, or in the background (returned)."""
+        run = self.run
+        generated = self.sampler.generate(run.llm.params, iteration, run.step)
+        if not background:
+            run.samples = self.wait(self.sampler.label_all, Sampler.collect(generated))  # (waits for the oracle)
+            return None
+        run.samples = Sampler.collect(generated)
+        return PendingLabels(run.samples, self.sampler.label_rows, self.pool, self.method.sample_batch_size)
+
+    def provenance(self, it: int) -> dict:
+        return {"iteration": it, "aux/samples_from_step": self.run.samples.step,
+                "sample_lag_steps": self.run.step - self.run.samples.step}
 
     # -- the schedules
 
     def parallel(self) -> None:
         run, spec, per_iteration = self.run, self.spec, self.method.llm_steps
-        joint = self.steps.result()["joint"]
+        joint, pending = self.steps.result()["joint"], []
         for it in range(run.step // per_iteration + 1, self.method.iterations + 1):
             first = run.step - (it - 1) * per_iteration
-            if first == 0 and spec.p_ref == "snapshot":  # ref ← θ_{t-1}: what R is trained against this iteration
-                run.frozen = dataclasses.replace(run.frozen, snapshot=_copy(run.llm.params))
-            future = None  # the next iteration's samples: ~ θ_{t-1}, labeled in the background
-            if run.next_samples is not None:  # resumed mid-iteration: already labeled
-                future = concurrent.futures.Future()
-                future.set_result(run.next_samples)
-                run.next_samples = None
-            elif it < self.method.iterations:
-                future = self.pool.submit(self.sampler.label, self.sampler.generate(run.llm.params, it))
-            pending, extra = [], {"iteration": it, "sample_lag": it - run.samples.iteration}
+            labels = None
+            if first == 0:  # a new iteration: ref ← θ_{t-1}; samples ~ θ_{t-1}, labeled in the background
+                if spec.p_ref == "snapshot":
+                    run.frozen = dataclasses.replace(run.frozen, snapshot=_copy(run.llm.params))
+                if it > 1:
+                    labels = self.new_samples(it, background=True)
             for _ in range(first, per_iteration):
+                extra = self.provenance(it)  # sample batch k of the iteration: its labels are computed first
                 run.llm, run.aux, m = joint(run.llm, run.aux, run.frozen, self.batches(run.step),
-                                            self.sample_batch(run.samples, run.step))
-                pending.append(m)
+                                            self.sample_batch(run.samples, run.step - (it - 1) * per_iteration,
+                                                              labels))
+                pending.append((m, extra))
                 run.step += 1
                 self.bar.update(1)
                 if self.stopped():
                     return
-                if run.step % per_iteration:  # the iteration's last step is checkpointed below
-                    self.log_and_checkpoint(pending, extra, in_flight=future)
-            if pending:
-                self.record(pending, extra)
-            if future is not None:  # this iteration's generation: the next iteration trains on it
-                run.samples = self.wait(future)
-            self.log_and_checkpoint([], extra)
+                self.log_and_checkpoint(pending, labels)
 
     def sequential(self) -> None:
         run, spec, per_iteration = self.run, self.spec, self.method.llm_steps
         steps = self.steps.result()
-        llm_fn, aux_fn = steps["llm"], steps["aux"]
+        llm_fn, aux_fn, pending = steps["llm"], steps["aux"], []
         for it in range(run.step // per_iteration + 1, self.method.iterations + 1):
             first = run.step - (it - 1) * per_iteration
-            extra = {"iteration": it, "sample_lag": 0}
+            aux_metrics = {}
             if first == 0:  # a new iteration: samples from θ_{t-1}, then the auxiliary model's steps
                 if it > 1:
-                    t0 = time.time()
-                    run.samples = self.sampler.label(self.sampler.generate(run.llm.params, it))
-                    run.label_wait += time.time() - t0
+                    self.new_samples(it, background=False)
                 ref = run.llm.params if spec.p_ref == "current" else _copy(run.llm.params)
                 if spec.p_ref == "snapshot":
                     run.frozen = dataclasses.replace(run.frozen, snapshot=ref)
-                m = None
                 for k in range(self.method.aux_steps):
                     run.aux, m = aux_fn(run.aux, ref, self.sample_batch(run.samples, k))
-                if m is not None:
-                    extra.update({f"aux/{k}": float(v) for k, v in jax.device_get(m).items()})
-            pending = []
+                aux_metrics = {f"aux/{k}": v for k, v in m.items()}
+            aux_version = jnp.copy(run.aux.step)  # (its state is donated by the next iteration's aux steps)
             for _ in range(first, per_iteration):
-                run.llm, m = llm_fn(run.llm, run.aux.params, run.frozen, self.batches(run.step))
-                pending.append({f"llm/{k}": v for k, v in m.items()})
+                extra = self.provenance(it)
+                run.llm, m = llm_fn(run.llm, run.aux.params, run.frozen, self.batches(run.step),
+                                    self.sample_batch(run.samples, run.step - (it - 1) * per_iteration))
+                pending.append(({**aux_metrics, **{f"llm/{k}": v for k, v in m.items()},
+                                 "llm/aux_version": aux_version}, extra))
+                aux_metrics = {}
                 run.step += 1
                 self.bar.update(1)
                 if self.stopped():
                     return
-                self.log_and_checkpoint(pending, extra)
-            if pending:
-                self.record(pending, extra)
+                self.log_and_checkpoint(pending)
 
     def __call__(self):
         try:
@@ -426,7 +503,7 @@ class MethodRun:
         finally:
             self.bar.close()
             self.writer.close()
-            self.pool.shutdown()
+            self.pool.shutdown(cancel_futures=True)
             self.compiler.shutdown()
             if self.ckpt is not None:
                 self.ckpt.close()

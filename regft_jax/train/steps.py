@@ -5,7 +5,8 @@
     state, metrics = step(state, batch)
 
 Batches are dicts of [batch, seq] arrays: "tokens" (int32) and "loss_mask" (1 where the next
-token is a training target). The state is donated.
+token is a training target), and for document attention over packed rows "segment_ids" and
+"positions" (`models.packed_inputs`; see `train.loop.corpus_keys`). The state is donated.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from flax import struct
 from regft_jax import sharding as shd
 from regft_jax.errors import UserInputError
 from regft_jax.losses import lm_loss
-from regft_jax.models import ModelConfig, abstract_params, forward, param_logical_axes
+from regft_jax.models import ModelConfig, abstract_params, forward, packed_inputs, param_logical_axes
 
 
 @struct.dataclass
@@ -58,9 +59,10 @@ def train_state_shardings(mesh, cfg: ModelConfig, optimizer, rules=None) -> Trai
 
 
 def sft_loss(cfg: ModelConfig, params: Any, batch: dict) -> tuple[jax.Array, dict]:
-    """Next-token LM loss of a packed batch (tokens [b, s+1] → predict tokens[:, 1:])."""
+    """Next-token LM loss of a packed batch (tokens [b, s+1] → predict tokens[:, 1:]). With
+    "segment_ids" in the batch, attention and RoPE stay within each packed document."""
     tokens = batch["tokens"]
-    logits = forward(cfg, params, tokens[:, :-1], attention_mask=batch.get("attention_mask", None))
+    logits = forward(cfg, params, **packed_inputs(batch))
     loss, count = lm_loss(logits, tokens[:, 1:], batch["loss_mask"][:, 1:])
     return loss, {"lm_loss": loss, "tokens": count}
 
@@ -79,7 +81,7 @@ def guarded_update(state: TrainState, optimizer: optax.GradientTransformation, g
     return new, {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32)}
 
 
-COUNT_METRICS = ("tokens", "aux_tokens")  # summed over microbatches; every other metric is weighted
+COUNT_METRICS = ("tokens", "aux_tokens", "aux_weight")  # summed over microbatches; the others are weighted
 
 
 def target_count(batch: dict) -> jax.Array:
@@ -94,7 +96,8 @@ def accumulated_value_and_grad(objective: Callable, params: Any, batch: dict, ac
     Microbatch j holds the strided rows j::accum_steps of every batch array (so rows of a domain
     that are contiguous in the batch stay contiguous, and each data shard splits locally); a
     `lax.scan` runs them one at a time. With w_j = weight_fn(microbatch j), the normalizer of a
-    ratio loss Σ(...)/w, the result is exact: loss = Σ w_j L_j / Σ w_j, grads likewise. Metrics:
+    ratio loss Σ(...)/w, the result is exact: loss = Σ w_j L_j / Σ w_j, grads likewise (weight_fn may
+    also be the name of a metric of the objective holding w_j, for normalizers computed inside it). Metrics:
     `COUNT_METRICS` are summed, the others weighted by w_j (exact for ratios over w, a weighted
     mean of per-microbatch ratios otherwise). accum_steps == 1 is the plain call."""
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -107,7 +110,7 @@ def accumulated_value_and_grad(objective: Callable, params: Any, batch: dict, ac
 
     def weighted(mb):
         (loss, metrics), grads = grad_fn(params, mb)
-        w = weight_fn(mb).astype(jnp.float32)
+        w = (metrics[weight_fn] if isinstance(weight_fn, str) else weight_fn(mb)).astype(jnp.float32)
         metrics = {k: v if k in COUNT_METRICS else w * v for k, v in metrics.items()}
         return w, w * loss, metrics, jax.tree.map(lambda g: w * g.astype(jnp.float32), grads)
 
