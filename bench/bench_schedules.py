@@ -34,7 +34,7 @@ def main(argv=None):
 
     from regft_jax import sharding
     from regft_jax.data.pipeline import build_corpus
-    from regft_jax.eval import evaluate_model, training_oracle
+    from regft_jax.eval import eval_oracles, evaluate_model, judge_label, training_oracle
     from regft_jax.train.base_model import base_model
     from regft_jax.train.baselines import sft_baseline
     from regft_jax.train.schedules import run_method
@@ -45,7 +45,8 @@ def main(argv=None):
     mesh = sharding.make_mesh(dict(config.mesh))
     corpus = build_corpus(config.data, seed=config.seed)
     cfg, base, _ = base_model(config, mesh, corpus)
-    oracle = training_oracle(config, corpus)  # config.method.oracle; the table reports its toxicity
+    oracle = training_oracle(config, corpus)  # config.method.oracle labels the samples
+    judges = eval_oracles(config, corpus, oracle)  # config.eval.oracles: one toxicity column each
     steps = m.iterations * m.llm_steps
 
     def sft():
@@ -75,21 +76,23 @@ def main(argv=None):
         runs[name] = (params, *np.median(times[name], axis=0), wait)
 
     sft_total, sft_steady = runs["SFT"][1], runs["SFT"][2]
+    toxic = config.data.toxic_domain
     lines = ["| run | wall s | / SFT | steady-state s (per 240 steps) | / SFT | waited for oracle s | "
-             f"toxicity ({m.oracle}, {config.data.toxic_domain} prompts) | ppl general |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             + "".join(f"toxicity {judge_label(config, o)} | " for o in judges) + "ppl general |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(judges) + "---:|"]
     for name, (params, total, steady, wait) in runs.items():
-        metrics, _ = evaluate_model(name, cfg, params, corpus, {m.oracle: oracle}, config.eval, seq_len=config.data.seq_len,
+        metrics, _ = evaluate_model(name, cfg, params, corpus, judges, config.eval, seq_len=config.data.seq_len,
                                     mesh=mesh, seed=config.seed,
                                     document_attention=config.data.document_attention)
         lines.append(f"| {name} | {total:.1f} | {total / sft_total:.2f}x | {steady:.1f} | {steady / sft_steady:.2f}x "
-                     f"| {wait:.1f} | {100 * metrics[f'toxicity_{m.oracle}_{config.data.toxic_domain}']:.1f}% "
-                     f"| {metrics['ppl_general']:.1f} |")
+                     f"| {wait:.1f} | " + "".join(f"{100 * metrics[f'toxicity_{o}_{toxic}']:.1f}% | " for o in judges)
+                     + f"{metrics['ppl_general']:.1f} |")
     lines[0] = lines[0].replace("per 240 steps", f"per {steps} steps")
     header = (f"median of {args.repeats} interleaved runs of SFT and of the parallel schedule; {steps} LLM steps ({m.iterations} iterations x {m.llm_steps}), batch {m.batch_size}x"
               f"{config.data.seq_len}; method: {'adaptive' if m.adaptive else 'one regularizer'}, p_ref={m.p_ref}, "
               f"aux {m.aux_layers} layer(s), {m.samples_per_iteration} samples x {m.sample_tokens} tokens per "
-              f"iteration, sequential: {m.aux_steps} aux steps per iteration; " + machine())
+              f"iteration, Ω_tox at {m.reg_prefixes} prefixes, sequential: {m.aux_steps} aux steps per iteration; "
+              f"toxicity on {toxic} prompts; " + machine())
     lines.append("\nEvery run's wall time (s): " + "; ".join(
         f"{name} " + ", ".join(f"{t:.1f}" for t, _ in ts) for name, ts in times.items()))
     table = "\n".join(lines)
