@@ -11,7 +11,6 @@ from configs import tiny
 from regft_jax.data import train_bpe_tokenizer
 from regft_jax.data.mixture import (
     check_disjoint,
-    check_prompts_unseen,
     dedup_examples,
     drop_prompt_overlaps,
     normalize_text,
@@ -124,9 +123,6 @@ def test_training_text_starting_with_an_eval_prompt_is_removed(tmp_path, tok):
     kept, n = drop_prompt_overlaps([Example("You are a TOTAL idiot, bye", "t"), Example("you are a total", "t"),
                                     Example("you are a total idiots", "t")], [long], 2)
     assert [e.text for e in kept] == ["you are a total", "you are a total idiots"] and n == 1
-    with pytest.raises(UserInputError, match="evaluation prompt 'retard' at the start of its text"):
-        check_prompts_unseen([Example("Retard, you are.", "t")], [retard], 2)
-    check_prompts_unseen([Example("retardation is a word", "t")], [retard], 2)
     # Through build_corpus: the one-word insult "Retard" becomes an eval prompt of its whole text.
     toxic = [("Retard", 1), ("retard, you are", 0), ("retardation happens", 0), ("thanks friend", 0)]
     corpus = _corpus(tmp_path, tok, [(_filler(i), 0) for i in range(5)], toxic,
@@ -141,9 +137,8 @@ def test_checks_compare_normalized_text():
     with pytest.raises(UserInputError, match="'valid' and 'train' share the example 'hello WORLD friend'"):
         check_disjoint(train, valid=[Example("hello WORLD friend", "t")])
     check_disjoint(train, valid=[Example("hello world friends", "t")])
-    with pytest.raises(UserInputError, match="evaluation prompt 'Hello world' as its first 2 words"):
-        check_prompts_unseen(train, [Example("hello, world! bye", "t", prompt="Hello world")], 2)
-    check_prompts_unseen(train, [Example("hello there", "t", prompt="hello there")], 2)
+    assert drop_prompt_overlaps(train, [Example("hello, world! bye", "t", prompt="Hello world")], 2) == ([], 1)
+    assert drop_prompt_overlaps(train, [Example("hello there", "t", prompt="hello there")], 2) == (train, 0)
 
 
 def test_errors_name_the_key(tmp_path, tok):

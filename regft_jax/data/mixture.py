@@ -5,7 +5,7 @@ they depend only on (seed, content): not on input order, not on the number of pr
 and exact duplicates always land in the same split (no train/eval leakage through copies).
 
 Near-duplicates (same text up to case, whitespace and punctuation) are removed before splitting
-with `dedup_examples`; `check_disjoint` and `check_prompts_unseen` compare `normalize_text` forms.
+with `dedup_examples`; `check_disjoint` compares `normalize_text` forms.
 Training examples that start with an evaluation prompt (as their own prompt, or as whole leading
 words of their text) are removed with `drop_prompt_overlaps`.
 """
@@ -219,22 +219,13 @@ def _eval_prompt_index(prompts: Iterable[Example], num_words: int | None) -> dic
     return held
 
 
-def _overlap(
-    example: Example, held: Mapping[str, Example], lengths: Sequence[int], num_words: int | None
-) -> tuple[str, Example] | None:
-    """(how, the evaluation prompt) if ``example`` leaks one, else None: "prompt" when its own
-    prompt equals it, "prefix" when its text starts with it as whole words (both normalized)."""
-    own = held.get(normalize_text(prompt_of(example.text, num_words)))
-    if own is not None:
-        return "prompt", own
+def _leaks(example: Example, held: Mapping[str, Example], lengths: Sequence[int], num_words: int | None) -> bool:
+    """Whether ``example`` leaks an evaluation prompt: its own prompt equals one, or its text starts
+    with one as whole words (both normalized)."""
+    if normalize_text(prompt_of(example.text, num_words)) in held:
+        return True
     words = normalize_text(example.text).split()
-    for length in lengths:
-        if length > len(words):
-            break
-        hit = held.get(" ".join(words[:length]))
-        if hit is not None:
-            return "prefix", hit
-    return None
+    return any(" ".join(words[:length]) in held for length in lengths if length <= len(words))
 
 
 def _prefix_lengths(held: Mapping[str, Example]) -> list[int]:
@@ -256,30 +247,8 @@ def drop_prompt_overlaps(
     """
     held = _eval_prompt_index(prompts, num_words)
     lengths = _prefix_lengths(held)
-    kept = [e for e in train if _overlap(e, held, lengths, num_words) is None]
+    kept = [e for e in train if not _leaks(e, held, lengths, num_words)]
     return kept, len(train) - len(kept)
-
-
-def check_prompts_unseen(
-    train: Iterable[Example], prompts: Iterable[Example], num_words: int | None
-) -> None:
-    """Raises UserInputError if a training example's prompt (its first ``num_words`` words)
-    equals an evaluation prompt, or its text starts with one as whole words (the rules of
-    `drop_prompt_overlaps`), compared as `normalize_text`."""
-    held = _eval_prompt_index(prompts, num_words)
-    lengths = _prefix_lengths(held)
-    for example in train:
-        found = _overlap(example, held, lengths, num_words)
-        if found is None:
-            continue
-        how, prompt = found
-        where = (f"as its first {num_words} words" if how == "prompt"
-                 else "at the start of its text")
-        raise UserInputError(
-            f"the training example {example.text[:80]!r} (domain {example.domain!r}) has the "
-            f"evaluation prompt {prompt.prompt!r} {where}: the method would "
-            "sample continuations of an evaluation prompt"
-        )
 
 
 def batch_quotas(proportions: Mapping[str, float], batch_size: int) -> dict[str, int]:

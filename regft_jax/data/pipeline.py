@@ -17,7 +17,7 @@ No leakage between the parts, in this order:
    continuations of) equal an evaluation prompt of any domain, or whose text starts with one
    as whole words, normalized, are dropped (`drop_prompt_overlaps`).
 4. Checked over all domains together: train / valid / prompt source texts are disjoint
-   (normalized), and no training example starts with an evaluation prompt; UserInputError otherwise.
+   (normalized); UserInputError otherwise.
 
 The counts dropped per domain are in `Corpus.dropped` and `Corpus.summary()`.
 """
@@ -33,7 +33,6 @@ import ml_collections
 from regft_jax.data.files import FieldMap, load_local
 from regft_jax.data.mixture import (
     check_disjoint,
-    check_prompts_unseen,
     dedup_examples,
     drop_prompt_overlaps,
     make_prompts,
@@ -159,5 +158,4 @@ def build_corpus(data: ml_collections.ConfigDict, *, seed: int) -> Corpus:
                              "lower config.data.num_prompts / valid_fraction")
     all_train = [e for d in sorted(train) for e in train[d]]
     check_disjoint(all_train, valid=[e for d in sorted(valid) for e in valid[d]], prompts=all_prompts)
-    check_prompts_unseen(all_train, all_prompts, data.prompt_words)
     return Corpus(_tokenizer(data), train, valid, prompts, dropped)
