@@ -13,7 +13,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.stage = "detox"  # detox (base vs SFT vs ours) | base (base model + evaluation) | smoke
     c.seed = 0
     c.workdir = "runs/tiny"
-    c.distributed = False  # jax.distributed.initialize() (multi-host launches set this)
+    # Multi-process runs (the same command on every host): distributed=True auto-detects the cluster (TPU pod,
+    # SLURM, ...); or explicitly coordinator="HOST:PORT" with num_processes and this host's process_id.
+    c.distributed = False
+    c.coordinator = ""
+    c.num_processes = 1
+    c.process_id = 0
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
 
     c.model = ml_collections.ConfigDict()

@@ -64,7 +64,7 @@ def run_smoke(config, workdir: str) -> dict:
     import numpy as np
     from tqdm import tqdm
 
-    from regft_jax import sharding
+    from regft_jax import multihost, sharding
     from regft_jax.models.factory import model_from_config
     from regft_jax.train import init_train_state, jit_sharded, make_optimizer, sft_step, train_state_shardings
 
@@ -83,8 +83,9 @@ def run_smoke(config, workdir: str) -> dict:
     # A learnable synthetic corpus: repeated random token patterns.
     patterns = rng.integers(0, cfg.vocab_size, (4, s))
 
-    def batch():
-        return {"tokens": patterns[rng.integers(0, 4, b)].astype(np.int32), "loss_mask": np.ones((b, s), np.int32)}
+    def batch():  # the same on every process (same seed); each places its rows of the global batch
+        host = {"tokens": patterns[rng.integers(0, 4, b)].astype(np.int32), "loss_mask": np.ones((b, s), np.int32)}
+        return multihost.tree_to_global(host, sharding.tree_batch_shardings(mesh, host))
 
     step = jit_sharded(functools.partial(sft_step, cfg, optimizer), mesh, state_sh, batch())
     history, start = [], None
@@ -230,10 +231,9 @@ def main(argv) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config=configs/<name>.py is required")
-    if config.get("distributed", False):
-        import jax
+    from regft_jax import multihost
 
-        jax.distributed.initialize()
+    multihost.initialize(config)  # --config.distributed (cluster auto-detection) or --config.coordinator=...
     _validate(config)
     workdir = os.path.abspath(_WORKDIR.value or config.workdir)
     os.makedirs(workdir, exist_ok=True)

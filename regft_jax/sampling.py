@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from regft_jax import sharding as shd
+from regft_jax import multihost, sharding as shd
 from regft_jax.errors import UserInputError
 from regft_jax.models import ModelConfig, forward_cached, init_cache
 
@@ -187,8 +187,9 @@ def make_sampler(cfg: ModelConfig, mesh=None, *, max_new_tokens: int, greedy: bo
     -> SampleOutput. Compiled once per prompt shape; temperature and top_p are traced values.
     The same arguments return the same function (and its compilations).
 
-    With a mesh, the batch is sharded over the data-parallel axes, params keep the shardings
-    they come with, and activation/cache constraints in model code are active.
+    With a mesh, the batch is sharded over the data-parallel axes (pass the prompt arrays as global
+    jax.Arrays, `multihost.to_global`, as `generate` does: required with more than one process),
+    params keep the shardings they come with, and activation/cache constraints in model code are active.
     """
     return _make_sampler(cfg, mesh, max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, guidance)
 
@@ -264,8 +265,10 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
         rows = -(-bucket(len(chunk), 1) // dp) * dp
         tokens, mask = pad_prompts(chunk, bucket(max(len(p) for p in chunk)), rows, pad_id)
         rng, key = jax.random.split(rng)
-        out = jax.device_get(fn(params, guidance_params, tokens, mask, key,
-                                jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p)))
+        if mesh is not None:  # global arrays (each process places its own rows)
+            tokens, mask = (multihost.to_global(a, shd.batch_sharding(mesh, 2)) for a in (tokens, mask))
+        out = multihost.to_host(fn(params, guidance_params, tokens, mask, key,
+                                   jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p)))
         for i in range(len(chunk)):
             length = int(out.mask[i].sum())
             results.append(out.tokens[i, :length].tolist())

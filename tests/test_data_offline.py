@@ -213,3 +213,23 @@ def test_broken_archives(tmp_path, no_pip):
 
 def test_example_equality_ignores_meta():
     assert Example("t", "general") == Example("t", "general", meta={"title": "x"})
+
+
+def test_fetch_archive_moves_only_finished_downloads_into_the_cache(tmp_path, monkeypatch):
+    """pip downloads into a private directory; the cache only ever holds whole archives (processes
+    sharing a cache never read a half-written one), and a cached archive is not fetched again."""
+    downloads, calls = tmp_path / "downloads", []
+
+    def fake_pip(cmd, **kwargs):
+        target = Path(cmd[cmd.index("-d") + 1])
+        calls.append(target)
+        assert target.parent == downloads and target.name.startswith(".pip-")
+        assert not list(downloads.glob("pkg-*.tar.gz"))  # nothing visible while "downloading"
+        (target / "pkg-1.0.tar.gz").write_bytes(b"archive")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(offline.subprocess, "run", fake_pip)
+    path = offline.fetch_archive("pkg==1.0", "pkg-*.tar.gz", False, downloads)
+    assert path == downloads / "pkg-1.0.tar.gz" and path.read_bytes() == b"archive"
+    assert [p.name for p in downloads.iterdir()] == ["pkg-1.0.tar.gz"]  # the private directory is gone
+    assert offline.fetch_archive("pkg==1.0", "pkg-*.tar.gz", False, downloads) == path and len(calls) == 1

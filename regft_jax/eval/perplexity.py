@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from regft_jax import sharding as shd
+from regft_jax import multihost, sharding as shd
 from regft_jax.data.packing import PackedRows
 from regft_jax.losses import token_cross_entropy
 from regft_jax.models import ModelConfig, forward, packed_inputs
@@ -46,6 +46,8 @@ def perplexity(cfg: ModelConfig, params, rows: PackedRows, *, batch_size: int = 
         pad = batch_size - arrays[0].shape[0]  # one compiled shape: pad the last batch with masked rows
         if pad:
             arrays = [np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in arrays]
+        if mesh is not None:  # global arrays (each process places its own rows)
+            arrays = [multihost.to_global(a, shd.batch_sharding(mesh, 2)) for a in arrays]
         s, c = jax.device_get(fn(params, *arrays))
         total, count = total + float(s), count + float(c)
     return float(np.exp(total / count)) if count else float("nan")

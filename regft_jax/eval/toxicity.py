@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from regft_jax import sampling
+from regft_jax import multihost, sampling
 from regft_jax.data.records import Example
 from regft_jax.data.tokenizer import Tokenizer
 from regft_jax.models import ModelConfig
@@ -38,7 +38,9 @@ def toxicity_eval(cfg: ModelConfig, params, tokenizer: Tokenizer, prompts: Seque
                                   mesh=mesh, batch_size=batch_size, guidance=guidance,
                                   guidance_params=guidance_params)
         texts = tokenizer.decode_batch(conts)
-        scores = {name: np.asarray(oracle.score(texts), np.float64) for name, oracle in named.items()}
+        # each process scores its share of the texts; every process gets every score
+        scores = {name: multihost.split_over_processes(oracle.score, texts, np.float64)
+                  for name, oracle in named.items()}
     summary = {}
     for name, s in scores.items():
         ok = np.isfinite(s)

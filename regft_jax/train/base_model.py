@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Optional
 
 import jax
+import numpy as np
 
-from regft_jax import checkpoint
+from regft_jax import checkpoint, multihost
 from regft_jax.data.batching import MixtureBatcher
 from regft_jax.data.offline import default_cache_dir
 from regft_jax.data.pipeline import Corpus
 from regft_jax.data.tokenizer import check_vocab
+from regft_jax.errors import UserInputError
 from regft_jax.models.factory import model_from_config
 from regft_jax.sharding import abstract_on
 from regft_jax.train.loop import corpus_keys, global_batches, run_steps, summarize
@@ -82,7 +84,11 @@ def base_model(config, mesh, corpus: Corpus):
     config.model.arch.vocab_size = vocab  # the architecture follows the tokenizer
     cache = Path(config.data.cache_dir or default_cache_dir()) / "base_models" / _cache_key(config, vocab)
     info_file = cache / "info.json"
-    if info_file.is_file():
+    found = multihost.gather_shares(np.array([info_file.is_file()]), jax.process_count())
+    if found.any() and not found.all():
+        raise UserInputError(f"base-model cache {cache} exists on some hosts only: set config.data.cache_dir to "
+                             "a directory every host shares (or to a path that no host has yet)")
+    if found.all():
         cfg, params = checkpoint.load_model(str(cache / "model"), mesh=mesh)
         info = json.loads(info_file.read_text())
         print(f"base model: cached at {cache} (pretrained {info['steps']} steps in {info['seconds']:.0f}s)")
@@ -100,10 +106,12 @@ def base_model(config, mesh, corpus: Corpus):
     print(summarize(history, ["loss", "grad_norm"]))
     info = {"steps": config.base.steps, "seconds": seconds, "final_loss": history[-1]["loss"],
             "tokens_per_s": history[-1].get("tokens_per_s"), "config": dataclasses.asdict(cfg)}
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    # every process writes its shards to the same directory (named by process 0's pid), process 0 renames it
+    pid = int(multihost.gather_shares(np.array([os.getpid()]), jax.process_count())[0])
+    tmp = cache.with_name(cache.name + f".tmp{pid}")
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.save_model(str(tmp / "model"), cfg, params)
-    if jax.process_index() == 0:
+    if multihost.is_primary():
         (tmp / "info.json").write_text(json.dumps(info, indent=2, default=str))
         shutil.rmtree(cache, ignore_errors=True)
         os.replace(tmp, cache)

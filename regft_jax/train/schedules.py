@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from regft_jax import sampling
+from regft_jax import multihost, sampling
 from regft_jax.checkpoint import RunCheckpointer
 from regft_jax.data.batching import MixtureBatcher
 from regft_jax.data.mixture import prompt_of
@@ -59,7 +59,7 @@ from regft_jax.data.pipeline import Corpus, check_domains
 from regft_jax.config_utils import require
 from regft_jax.models.aux import aux_config, init_aux_params
 from regft_jax.oracles.base import OracleError
-from regft_jax.sharding import abstract_on
+from regft_jax.sharding import abstract_on, batch_sharding, tree_batch_shardings
 from regft_jax.train.aux import aux_state_shardings, make_aux_step
 from regft_jax.train.loop import NonFiniteLossError, corpus_keys, global_batches
 from regft_jax.train.method import P_REF, Frozen, MethodSpec, make_joint_step, make_llm_step
@@ -138,8 +138,12 @@ class PendingLabels:
                         for j, lo in enumerate(range(0, n, chunk))}
 
     def wait_rows(self, rows: np.ndarray) -> None:
+        """Wait for the chunks holding `rows`; each process computed its share of a chunk's labels, and
+        every process gets them all (a collective: main thread, the same chunks in the same order)."""
+        n = self.samples.label.shape[0]
         for j in sorted({int(r) // self.chunk for r in rows} & set(self.futures)):
-            self.samples.label[j * self.chunk:(j + 1) * self.chunk] = self.futures.pop(j).result()
+            lo, hi = j * self.chunk, min((j + 1) * self.chunk, n)
+            self.samples.label[lo:hi] = multihost.gather_shares(self.futures.pop(j).result(), hi - lo)
 
     def complete(self) -> Samples:
         self.wait_rows(np.arange(self.samples.label.shape[0]))
@@ -176,7 +180,9 @@ class Sampler:
                                                                       replace=n > len(self.prompts))
         tokens, mask = sampling.pad_prompts([self.prompts[i] for i in chosen], self.prompt_len, n,
                                             self.corpus.tokenizer.pad_id or 0)
-        out = self.fn(params, None, tokens, mask, jax.random.key(self.seed * 100_003 + iteration),
+        batch = batch_sharding(self.mesh, 2)
+        out = self.fn(params, None, multihost.to_global(tokens, batch), multihost.to_global(mask, batch),
+                      jax.random.key(self.seed * 100_003 + iteration),
                       jnp.float32(self.method.sample_temperature), jnp.float32(self.method.sample_top_p))
         return tokens, mask, out, step
 
@@ -184,7 +190,7 @@ class Sampler:
     def collect(generated) -> Samples:
         """Wait for the generated tokens: the sample set, not labeled yet (labels NaN)."""
         tokens, mask, out, step = generated
-        out = jax.device_get(out)
+        out = multihost.to_host(out)  # whole, on every process
         # log proposal(y), shifted by the set's mean log weight under the sampling LLM (a constant
         # of the set, which self-normalized weights ignore) so that exp stays in range
         logp = out.logprobs.sum(-1)
@@ -196,11 +202,16 @@ class Sampler:
                        proposal_logp=(logp + shift).astype(np.float32), step=step)
 
     def label_rows(self, samples: Samples, lo: int, hi: int) -> np.ndarray:
-        """`oracle_labels` of rows lo..hi−1 (host work; runs in a thread)."""
-        return oracle_labels(self.corpus.tokenizer, self.oracle, samples, lo, hi, self.method.label_text)
+        """`oracle_labels` of this process's share (`multihost.share`) of rows lo..hi−1 (host work; runs in
+        a thread); `multihost.gather_shares` joins the processes' shares."""
+        a, b = multihost.share(hi - lo)
+        if b <= a:
+            return np.zeros(0, np.float32)
+        return oracle_labels(self.corpus.tokenizer, self.oracle, samples, lo + a, lo + b, self.method.label_text)
 
     def label_all(self, samples: Samples) -> Samples:
-        samples.label[:] = self.label_rows(samples, 0, samples.label.shape[0])
+        n = samples.label.shape[0]
+        samples.label[:] = multihost.gather_shares(self.label_rows(samples, 0, n), n)
         return samples
 
     def draw(self, params, iteration: int, step: int) -> Samples:
@@ -424,7 +435,8 @@ class MethodRun:
         rows = samples.rows(k, self.method.sample_batch_size)
         if labels is not None:
             self.wait(labels.wait_rows, rows)
-        return {key: v[rows] for key, v in samples.arrays(self.method.importance_weights).items()}
+        batch = {key: v[rows] for key, v in samples.arrays(self.method.importance_weights).items()}
+        return multihost.tree_to_global(batch, tree_batch_shardings(self.mesh, batch))
 
     def new_samples(self, iteration: int, background: bool) -> Optional[PendingLabels]:
         """The sample set of `iteration`, drawn from the current θ = θ_{iteration−1}, becomes the

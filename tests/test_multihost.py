@@ -1,0 +1,220 @@
+"""Multi-process runs with 2 real processes on 127.0.0.1 (jax.distributed, gloo on CPU).
+
+- the whole `detox` stage as 2 processes x 2 CPU devices equals 1 process x 4 devices (same mesh
+  shape; tolerance: losses and perplexities within 1e-4 relative, the same generations), and the
+  checkpoints the 2-process run wrote restore in a 1-process run on a different mesh;
+- the host-side pieces: generation, perplexity and oracle scoring on global arrays, with each
+  process scoring only its share of the texts and every process getting every score.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from regft_jax import multihost
+from tests.test_pipeline import REPO, _fixture
+
+
+def _env(devices: int) -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                PYTHONPATH=REPO)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(argv_of, timeout: int) -> list[subprocess.CompletedProcess]:
+    """Run argv_of(process_id) for process ids 0 and 1 at once, 2 CPU devices each."""
+    procs = [subprocess.Popen(argv_of(i), cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return outs
+
+
+# ------------------------------------------------------------------- helpers without a cluster
+
+
+def test_shares_cover_every_item_once():
+    for n in range(0, 11):
+        for count in (1, 2, 3, 4):
+            covered = [i for p in range(count) for i in range(*multihost.share(n, p, count))]
+            assert covered == list(range(n)), (n, count)
+
+
+def test_single_process_helpers_are_plain_copies():
+    import jax
+
+    from regft_jax import sharding
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    x = np.arange(24, dtype=np.int32).reshape(8, 3)
+    g = multihost.to_global(x, sharding.batch_sharding(mesh, 2))
+    assert g.sharding.spec == sharding.batch_sharding(mesh, 2).spec and len(g.addressable_shards) == 8
+    np.testing.assert_array_equal(multihost.to_host({"a": g})["a"], x)
+    np.testing.assert_array_equal(multihost.split_over_processes(lambda t: [len(s) for s in t], ["a", "bb"]), [1, 2])
+    assert multihost.all_agree(True) and not multihost.all_agree(False) and jax.process_count() == 1
+
+
+def test_explicit_coordinator_config_errors():
+    import ml_collections
+
+    from regft_jax.errors import UserInputError
+
+    bad = ml_collections.ConfigDict({"coordinator": "127.0.0.1:1234", "num_processes": 2, "process_id": 2})
+    with pytest.raises(UserInputError, match="config.process_id"):
+        multihost.initialize(bad)
+    bad = ml_collections.ConfigDict({"coordinator": "localhost", "num_processes": 2, "process_id": 0})
+    with pytest.raises(UserInputError, match="HOST:PORT"):
+        multihost.initialize(bad)
+
+
+# ------------------------------------------------------------------------- 2 real processes
+
+_PIECES = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from regft_jax import models, multihost, sampling, sharding
+    from regft_jax.data.packing import pack_documents
+    from regft_jax.data.records import Example
+    from regft_jax.eval import perplexity, toxicity_eval
+    import ml_collections
+    multihost.initialize(ml_collections.ConfigDict(
+        {"coordinator": sys.argv[1], "num_processes": 2, "process_id": int(sys.argv[2])}))
+    assert jax.process_count() == 2 and len(jax.devices()) == 4
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 1})
+    cfg = models.ModelConfig(family="llama", vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
+                             num_kv_heads=2, head_dim=8, mlp_dim=32, max_seq_len=64)
+    shardings = sharding.param_shardings(mesh, models.param_logical_axes(cfg), models.abstract_params(cfg))
+    params = jax.jit(lambda k: models.init_params(cfg, k), out_shardings=shardings)(jax.random.key(0))
+    prompts = [[1, 5 + i, 7, 9][: 2 + i % 3] for i in range(6)]
+    gen = sampling.generate(cfg, params, prompts, max_new_tokens=5, temperature=1.0, seed=3, mesh=mesh)
+    rows = pack_documents([list(range(2, 2 + n)) for n in (5, 9, 13, 7, 11)], 9, pad_id=0, bos_id=1, eos_id=2)
+    ppl = perplexity(cfg, params, rows, batch_size=2, mesh=mesh)
+
+    class Tok:
+        bos_id, eos_id, pad_id = 1, 2, 0
+        def encode_batch(self, texts, add_bos=True):
+            return [[1] + [3 + ord(c) % 50 for c in t] for t in texts]
+        def decode_batch(self, ids):
+            return [" ".join(map(str, i)) for i in ids]
+
+    seen = []
+    class Counting:
+        name = "counting"
+        def score(self, texts):
+            seen.extend(texts)
+            return [len(t) % 7 / 7 for t in texts]
+
+    examples = [Example(text=f"p{i}", domain="toxic", prompt=f"prompt {i}") for i in range(5)]
+    out = toxicity_eval(cfg, params, Tok(), examples, {"counting": Counting()}, max_new_tokens=4, mesh=mesh)
+    print("RESULT " + json.dumps({"gen": gen, "ppl": ppl, "seen": len(seen),
+                                  "scores": [r["scores"]["counting"] for r in out["records"]],
+                                  "conts": [r["continuation"] for r in out["records"]]}))
+""")
+
+
+def test_generation_perplexity_and_scoring_across_two_processes(tmp_path):
+    script = tmp_path / "pieces.py"
+    script.write_text(_PIECES)
+    port = _port()
+    outs = _two_processes(lambda i: [sys.executable, str(script), f"127.0.0.1:{port}", str(i)], timeout=300)
+    for o in outs:
+        assert o.returncode == 0, o.stderr[-3000:]
+    results = [json.loads(next(l for l in o.stdout.splitlines() if l.startswith("RESULT "))[7:]) for o in outs]
+    # every process gets the same whole results ...
+    for key in ("gen", "ppl", "scores", "conts"):
+        assert results[0][key] == results[1][key], key
+    # ... having scored only its own share of the 5 continuations (3 + 2)
+    assert sorted(r["seen"] for r in results) == [2, 3]
+    expected = [round(len(c) % 7 / 7, 6) for c in results[0]["conts"]]
+    assert results[0]["scores"] == pytest.approx(expected)
+    assert len(results[0]["gen"]) == 6 and all(1 <= len(g) <= 5 for g in results[0]["gen"])
+    assert np.isfinite(results[0]["ppl"]) and results[0]["ppl"] > 1
+
+
+def _detox_args(tmp_path, tok) -> list[str]:
+    files = f"general:{tmp_path / 'general.jsonl'},toxic:{tmp_path / 'toxic.jsonl'}:insult"
+    # a training oracle that flags some of the tiny model's samples (mixed labels: R is learned)
+    return [sys.executable, "-m", "regft_jax.main", "--config=configs/tiny.py", "--config.stage=detox",
+            "--config.data.source=files", f"--config.data.tokenizer={tok}", f"--config.data.files={files}",
+            "--config.data.seq_len=32", "--config.data.num_prompts.toxic=10", "--config.data.num_prompts.general=5",
+            "--config.data.prompt_words=2", "--config.model.arch.num_layers=2", "--config.model.arch.hidden_size=32",
+            "--config.model.arch.head_dim=8", "--config.model.arch.mlp_dim=64", "--config.base.steps=20",
+            "--config.base.batch_size=8", "--config.method.iterations=2", "--config.method.llm_steps=3",
+            "--config.method.batch_size=8", "--config.method.samples_per_iteration=8",
+            "--config.method.sample_batch_size=4", "--config.method.sample_tokens=6", "--config.method.checkpoint_every=3",
+            "--config.eval.max_new_tokens=8", "--config.method.oracle=regex",
+            "--config.method.oracle_args={'words': ['river', 'moon', 'garden']}",
+            "--config.eval.oracles=regex,insult_classifier"]
+
+
+def _read(workdir) -> tuple[dict, list, list]:
+    results = json.loads((workdir / "results.json").read_text())
+    generations = [json.loads(line) for line in (workdir / "generations.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (workdir / "metrics_ours.jsonl").read_text().splitlines()]
+    return results, generations, history
+
+
+def _assert_same_results(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for model in ("base", "sft", "ours"):
+        for key, value in a[model].items():
+            if key == "train_seconds":
+                continue
+            if key.startswith("ppl_"):
+                assert b[model][key] == pytest.approx(value, rel=1e-4), (model, key)
+            else:
+                assert b[model][key] == value, (model, key)
+
+
+def test_detox_stage_two_processes_equals_one_process(tmp_path):
+    tok = _fixture(tmp_path)
+    args = _detox_args(tmp_path, tok)
+    port = _port()
+    multi = tmp_path / "two_processes"
+    outs = _two_processes(lambda i: args + [f"--config.data.cache_dir={tmp_path / 'cache2'}", f"--workdir={multi}",
+                                             f"--config.coordinator=127.0.0.1:{port}", "--config.num_processes=2",
+                                             f"--config.process_id={i}"], timeout=600)
+    for o in outs:
+        assert o.returncode == 0, o.stderr[-3000:]
+    assert "pretraining" in outs[0].stdout and "ours (parallel" in outs[1].stdout
+
+    single = tmp_path / "one_process"
+    one = subprocess.run(args + [f"--config.data.cache_dir={tmp_path / 'cache1'}", f"--workdir={single}"], cwd=REPO,
+                         env=_env(4), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    (r2, g2, h2), (r1, g1, h1) = _read(multi), _read(single)
+    _assert_same_results(r1, r2)
+    assert g1 == g2  # the same continuations, scored the same by every eval oracle
+    assert len(h1) == len(h2) == 6
+    for a, b in zip(h1, h2):
+        for key in ("llm/loss", "llm/lm_loss", "aux/aux_loss", "aux/mean_R"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert any(0 < h["aux/mean_label"] < 1 for h in h1)  # mixed labels: the auxiliary model learns something
+
+    # The 2-process run's checkpoints (SFT and ours, finished) restore in 1 process on another mesh.
+    again = subprocess.run(args + [f"--config.data.cache_dir={tmp_path / 'cache2'}", f"--workdir={multi}",
+                                   "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2"],
+                           cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "pretraining" not in again.stdout
+    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 2}" in again.stdout
+    _assert_same_results(r2, _read(multi)[0])
