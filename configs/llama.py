@@ -1,41 +1,16 @@
-"""Llama-2/3 7-8B from a local HF checkpoint, FSDP over all devices, bf16.
+"""The paper's setting with a Llama model: ToxiGen + Wikitext-103, ToxiGen RoBERTa oracle (configs/presets.py).
 
-    python -m regft_jax.main --config=configs/llama.py --config.model.path=/models/Llama-2-7b-hf \
-        --config.data.tokenizer=/models/Llama-2-7b-hf
+    python -m regft_jax.main --config=configs/llama.py:llama2-7b,v4-32 --config.model.path=/models/Llama-2-7b-hf \
+        --config.data.tokenizer=/models/Llama-2-7b-hf --config.method.oracle_args.model_dir=/models/toxigen_roberta
 
-Runs the `detox` stage (base vs SFT vs ours) on the embedded offline corpus with the model's own
-tokenizer; point `data.source=files` / `data.files` at ToxiGen etc. for the paper's setting.
+Argument `MODEL[,HARDWARE]`: MODEL one of llama1-7b, llama2-7b (default), llama3-8b; HARDWARE one of
+v4-32, v5e-64, 8xh100, auto (default: FSDP over all devices).
 """
 
 import ml_collections
 
-from configs import tiny
+from configs import presets
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = tiny.get_config()
-    c.workdir = "runs/llama"
-    c.model.source = "hf"
-    c.model.path = "/models/Llama-2-7b-hf"  # a local HF directory (config.json + safetensors)
-    c.model.param_dtype = "bfloat16"
-    c.model.dtype = "bfloat16"
-    c.model.remat = "dots_no_batch"
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    c.data.tokenizer = c.model.path  # the model's own tokenizer (override with the model path)
-    c.data.seq_len = 1024
-    # The method at 7B scale: auxiliary model = the LLM's first 8 of 32 layers (1/4 of the depth),
-    # fine-tuning learning rates, longer samples.
-    c.method.update({"aux_layers": 8, "learning_rate": 1e-5, "aux_learning_rate": 1e-4, "batch_size": 32,
-                     "sample_tokens": 64, "samples_per_iteration": 512, "sample_batch_size": 16,
-                     "iterations": 10, "llm_steps": 100, "checkpoint_every": 100})
-    # Oracles (keys as in configs/tiny.py): method.oracle labels the method's samples; every model is judged
-    # by each of eval.oracles. A local ToxiGen RoBERTa (the paper's judge) as an extra eval oracle:
-    #   --config.eval.oracles=profanity,insult_classifier,hf_classifier \
-    #   "--config.eval.oracle_args={'hf_classifier': {'model_dir': '/models/toxigen_roberta'}}"
-    # or as the training oracle: --config.method.oracle=hf_classifier "--config.method.oracle_args={'model_dir': ...}".
-    c.method.oracle = "profanity"
-    c.eval.oracles = "profanity,insult_classifier"
-    c.eval.batch_size = 128
-    c.optim.learning_rate = 1e-5
-    c.train = ml_collections.ConfigDict({"steps": 100, "batch_size": 32, "seq_len": 1024})
-    return c
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    return presets.paper_config("llama", arg)

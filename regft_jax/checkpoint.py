@@ -16,8 +16,10 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from regft_jax import multihost
 from regft_jax import sharding as shd
 from regft_jax.errors import UserInputError
 from regft_jax.models import ModelConfig, abstract_params, param_logical_axes
@@ -72,17 +74,27 @@ class RunCheckpointer:
         ckpt.save(step, state, meta)                 # asynchronous write; keeps the last 2
 
     Saving copies device arrays to the host before returning, so the caller may donate them
-    afterwards. A checkpoint written under another fingerprint is refused with an error.
+    afterwards. A checkpoint written under another fingerprint is refused with an error; an
+    incomplete one (a save interrupted) is ignored and deleted.
     """
 
     def __init__(self, directory: str, *, fingerprint: str, max_to_keep: int = 2):
         self.directory = os.path.abspath(directory)
         self.fingerprint = fingerprint
+        # a save cut short (a killed process) leaves <step>.orbax-checkpoint-tmp-<time>/ (renamed to <step>/
+        # only once complete; on object stores: no commit_success.txt): never listed, deleted here
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"),
-                                             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+                                             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                                                  cleanup_tmp_directories=True))
 
     def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
+        """The latest complete checkpoint; the same on every process (a collective with several)."""
+        step = self.manager.latest_step()
+        steps = multihost.gather_shares(np.array([-1 if step is None else step]), jax.process_count())
+        if (steps != steps[0]).any():
+            raise UserInputError(f"{self.directory}: the processes see different latest checkpoints "
+                                 f"{steps.tolist()} (-1: none): put it on a filesystem every host shares")
+        return step
 
     def delete_all(self) -> None:
         """Delete every saved step (a run that starts over in the same directory)."""

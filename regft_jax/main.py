@@ -25,6 +25,10 @@ results.json (base and detox):
               "<oracle>": {"role", "auc", "auc_valid", "n", "n_positive", "tpr", "fpr", ...}}}
   (model names: "base" | "sft" | "ours"). generations.jsonl: one record per model and prompt with
   "scores": {"<oracle>": P(violation) or null}.
+
+Exit status: 0 done; 2 a bad config value (one line naming it); 75 (`preemption.EXIT_CODE`) stopped by
+SIGTERM/SIGINT during training after checkpointing at the next step boundary: run the same command
+again to resume.
 """
 
 from __future__ import annotations
@@ -49,14 +53,18 @@ def _validate(config) -> None:
     require(config, "train.steps", config.train.steps >= 1, "an integer >= 1")
     require(config, "train.batch_size", config.train.batch_size >= 1, "an integer >= 1")
     require(config, "train.seq_len", config.train.seq_len >= 2, "an integer >= 2")
+    from regft_jax.train.throughput import check_config as check_throughput_config
+
+    check_throughput_config(config)
     if config.stage in ("base", "detox"):  # fail before minutes of pretraining, not after
         from regft_jax.eval.judges import check_oracle_config
 
         check_oracle_config(config)
     if config.stage == "detox":
+        from regft_jax import sharding
         from regft_jax.train.schedules import check_method_config
 
-        check_method_config(config)
+        check_method_config(config, sharding.make_mesh(dict(config.mesh)))  # batch sizes vs data-parallel size
 
 
 def run_smoke(config, workdir: str) -> dict:
@@ -66,10 +74,13 @@ def run_smoke(config, workdir: str) -> dict:
 
     from regft_jax import multihost, sharding
     from regft_jax.models.factory import model_from_config
+    from regft_jax.precision import check_update_precision
     from regft_jax.train import init_train_state, jit_sharded, make_optimizer, sft_step, train_state_shardings
+    from regft_jax.train import throughput
 
     mesh = sharding.make_mesh(dict(config.mesh))
     cfg, params = model_from_config(config.model, mesh, seed=config.seed)
+    check_update_precision(config, params, ("optim.learning_rate",))
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
           f"model {cfg.family}: {cfg.num_layers} layers, width {cfg.hidden_size}, "
           f"{cfg.num_params() / 1e6:.2f}M parameters")
@@ -101,8 +112,10 @@ def run_smoke(config, workdir: str) -> dict:
     print(f"{'step':>6} {'loss':>10} {'grad_norm':>10}")
     for i in sorted({0, len(history) // 2, len(history) - 1}):
         print(f"{i + 1:>6} {history[i]['loss']:>10.4f} {history[i]['grad_norm']:>10.4f}")
-    print(f"throughput: {tok_s:,.0f} tokens/s (after compilation)")
-    return {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "tokens_per_s": tok_s}
+    peak = throughput.peak_flops(config, mesh)  # (None on CPU unless config.hardware.peak_tflops is set)
+    mfu = tok_s * throughput.train_flops_per_token(cfg, s - 1) / peak if peak else None
+    print(f"throughput: {tok_s:,.0f} tokens/s (after compilation)" + (f", MFU {100 * mfu:.1f}%" if mfu else ""))
+    return {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "tokens_per_s": tok_s, "mfu": mfu}
 
 
 def _write_jsonl(path: str, records) -> None:
@@ -260,15 +273,38 @@ def _removed_flags(argv) -> None:
                 raise UserInputError(f"{arg.split('=')[0][2:]} was removed: use {new}")
 
 
-def entry() -> None:
+def _parse_flags(argv):
+    """absl's flag parsing, except that a UserInputError from a config file's get_config (e.g. a bad
+    `--config=configs/llama.py:ARG`) is raised as itself (one line) instead of a usage traceback."""
+    from absl import flags
+
     from regft_jax.errors import UserInputError
 
     try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        cause, user_error = e.__context__, None
+        while cause is not None:  # the innermost one: config_flags re-raises it with a traceback
+            user_error = cause if isinstance(cause, UserInputError) else user_error
+            cause = cause.__context__
+        if user_error is None:
+            return app.parse_flags_with_usage(argv)  # absl's own message and exit status
+        raise user_error from None
+
+
+def entry() -> None:
+    from regft_jax.errors import UserInputError
+    from regft_jax.preemption import EXIT_CODE, Preempted
+
+    try:
         _removed_flags(sys.argv[1:])
-        app.run(main)
+        app.run(main, flags_parser=_parse_flags)
     except UserInputError as e:  # a bad config value: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:  # SIGTERM/SIGINT during training: checkpointed, resumable
+        print(f"{e} (exit status {EXIT_CODE})", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CODE)
 
 
 if __name__ == "__main__":

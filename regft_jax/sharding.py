@@ -18,6 +18,7 @@ import math
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -130,6 +131,34 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules=None) -> NamedSharding:
 def tree_batch_shardings(mesh: Mesh, tree: Any, rules=None) -> Any:
     """batch_sharding for every array leaf of `tree` (scalars are replicated)."""
     return jax.tree.map(lambda a: batch_sharding(mesh, a.ndim, rules) if a.ndim else replicated(mesh), tree)
+
+
+def batch_shards(mesh: Mesh, rules=None) -> int:
+    """The data-parallel size: how many shards `batch_sharding` splits a batch into (the product of
+    the mesh axes the "batch" rule maps to)."""
+    spec = logical_to_spec(("batch",), mesh, None, rules)[0]
+    return math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else tuple(spec or ())))
+
+
+# Per-shard row windows. A batch sharded over its rows holds `shards` equal contiguous blocks of
+# rows, one per data-parallel shard. Slicing the same window out of every block (instead of one
+# global row range) keeps the result evenly sharded with no communication; a global range that is
+# not aligned with the blocks cannot stay sharded (XLA replicates it, or would have to move the
+# [rows, seq, vocab] outputs back to the devices owning those rows). `data.batching.dealt_order`
+# lays a batch out so that each block holds its share of every domain.
+
+
+def shard_window(x: jax.Array, lo: int, hi: int, shards: int) -> jax.Array:
+    """Rows lo..hi−1 of each of the `shards` row blocks of x: [b, ...] → [shards·(hi−lo), ...]."""
+    blocks = x.reshape(shards, x.shape[0] // shards, *x.shape[1:])
+    return blocks[:, lo:hi].reshape(shards * (hi - lo), *x.shape[1:])
+
+
+def unshard_window(y: jax.Array, lo: int, hi: int, block: int, shards: int) -> jax.Array:
+    """The inverse of `shard_window` for blocks of `block` rows, zeros outside the windows."""
+    y = y.reshape(shards, hi - lo, *y.shape[1:])
+    y = jnp.pad(y, ((0, 0), (lo, block - hi)) + ((0, 0),) * (y.ndim - 2))
+    return y.reshape(shards * block, *y.shape[2:])
 
 
 def opt_state_shardings(optimizer, abstract_params: Any, params_shardings: Any, mesh: Mesh) -> Any:

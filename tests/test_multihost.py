@@ -1,7 +1,8 @@
 """Multi-process runs with 2 real processes on 127.0.0.1 (jax.distributed, gloo on CPU).
 
 - the whole `detox` stage as 2 processes x 2 CPU devices equals 1 process x 4 devices (same mesh
-  shape; tolerance: losses and perplexities within 1e-4 relative, the same generations), and the
+  shape; tolerance: LLM losses and perplexities within 1e-4 relative, the importance-weighted aux
+  loss within 1e-3, the same generations and toxicity rates), and the
   checkpoints the 2-process run wrote restore in a 1-process run on a different mesh;
 - the host-side pieces: generation, perplexity and oracle scoring on global arrays, with each
   process scoring only its share of the texts and every process getting every score.
@@ -206,8 +207,11 @@ def test_detox_stage_two_processes_equals_one_process(tmp_path):
     assert g1 == g2  # the same continuations, scored the same by every eval oracle
     assert len(h1) == len(h2) == 6
     for a, b in zip(h1, h2):
-        for key in ("llm/loss", "llm/lm_loss", "aux/aux_loss", "aux/mean_R"):
+        for key in ("llm/loss", "llm/lm_loss", "aux/mean_R"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        # the aux loss weighs samples by exp(log p_ref(y) − log proposal(y)), sums over 6 tokens: the
+        # rounding differences of the reductions grow to ~3e-4 there
+        assert b["aux/aux_loss"] == pytest.approx(a["aux/aux_loss"], rel=1e-3), "aux/aux_loss"
     assert any(0 < h["aux/mean_label"] < 1 for h in h1)  # mixed labels: the auxiliary model learns something
 
     # The 2-process run's checkpoints (SFT and ours, finished) restore in 1 process on another mesh.

@@ -78,6 +78,19 @@ def even_row_positions(global_batch_size: int, process_index: int, process_count
     return np.arange(process_index * per_process, (process_index + 1) * per_process)
 
 
+def dealt_order(batch_size: int, shards: int) -> np.ndarray:
+    """Slots of a batch dealt round-robin over ``shards`` equal row blocks: position
+    ``s * (batch_size / shards) + k`` (row k of block s) holds slot ``k * shards + s``.
+
+    Dealt, a batch whose domains fill contiguous slot ranges gives each block (a data-parallel
+    shard's rows) its share of every domain, still contiguous and in the same order, so per-domain
+    row windows can be sliced out of every shard alike (``sharding.shard_window``).
+    """
+    if shards < 1 or batch_size % shards:
+        raise UserInputError(f"a batch of {batch_size} rows cannot be split into {shards} equal shards")
+    return np.arange(batch_size).reshape(batch_size // shards, shards).T.reshape(-1)
+
+
 def process_row_positions(sharding, global_batch_size: int) -> np.ndarray:
     """Global batch rows this process must supply for ``sharding`` of the batch dimension.
 
@@ -123,6 +136,8 @@ class MixtureBatcher:
       shuffle_slots: shuffle which slot each domain's rows occupy per step; with False, every
         global batch holds the domains in contiguous row ranges (in ``domain_ids`` order, sizes =
         ``quotas``), which lets a step run per-domain computations on static row slices.
+      shards: with ``shuffle_slots=False``, deal those contiguous slots over this many equal row
+        blocks (the data-parallel shards, see :func:`dealt_order`); 1: plain contiguous ranges.
     """
 
     def __init__(
@@ -133,6 +148,7 @@ class MixtureBatcher:
         seed: int,
         domain_ids: Mapping[str, int] | None = None,
         shuffle_slots: bool = True,
+        shards: int = 1,
     ):
         missing = [d for d, p in proportions.items() if p > 0 and d not in rows]
         if missing:
@@ -144,6 +160,7 @@ class MixtureBatcher:
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.shuffle_slots = shuffle_slots
+        self._dealt = None if shuffle_slots or shards == 1 else dealt_order(global_batch_size, shards)
         self.domain_ids = dict(domain_ids or {d: i for i, d in enumerate(proportions)})
         absent = set(proportions) - set(self.domain_ids)
         if absent:
@@ -172,6 +189,8 @@ class MixtureBatcher:
             slot_row.append(self._streams[domain].take(step * quota, quota))
         slot_domain, slot_row = np.concatenate(slot_domain), np.concatenate(slot_row)
         if not self.shuffle_slots:
+            if self._dealt is not None:
+                return slot_domain[self._dealt], slot_row[self._dealt]
             return slot_domain, slot_row
         order = np.random.default_rng([self.seed, step, _SHUFFLE_TAG]).permutation(slot_domain.size)
         return slot_domain[order], slot_row[order]

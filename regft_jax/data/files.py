@@ -18,13 +18,18 @@ from regft_jax.data.records import DataFormatError, Example
 
 log = logging.getLogger(__name__)
 
+# String labels `data.files` understands without a label map: ToxiGen's export (`toxiGen.json`).
+LABEL_NAMES = {"hate": 1.0, "neutral": 0.0}
+# Excel's escaped carriage return, left in some exported texts (e.g. ToxiGen statements).
+EXCEL_CR = "_x000D_"
+
 
 @dataclasses.dataclass(frozen=True)
 class FieldMap:
     """How to read an :class:`Example` out of a row dict.
 
     Attributes:
-      text_field: key holding the text (required in every row).
+      text_field: key holding the text (required in every row; Excel's ``_x000D_`` becomes a newline).
       domain: domain tag given to every example.
       label_field: optional key holding the label; numbers/bools are used as floats,
         strings go through ``label_map`` (or are parsed as numbers).
@@ -44,7 +49,7 @@ class FieldMap:
         """Converts one row; ``where`` (e.g. ``"file.jsonl:12"``) prefixes error messages."""
         if not isinstance(row, Mapping):
             raise DataFormatError(f"{where}: expected an object/dict row, got {type(row).__name__}")
-        text = _required_str(row, self.text_field, where)
+        text = _required_str(row, self.text_field, where).replace(EXCEL_CR, "\n")
         label = None
         if self.label_field is not None:
             if self.label_field not in row:

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from regft_jax.data.files import iter_csv_rows, iter_json_rows, iter_jsonl_rows, parse_label
+from regft_jax.data.files import EXCEL_CR, iter_csv_rows, iter_json_rows, iter_jsonl_rows, parse_label
 from regft_jax.data.records import DataFormatError, Example
 from regft_jax.errors import UserInputError
 
@@ -39,8 +39,6 @@ RTP_NAME = "allenai/real-toxicity-prompts"
 # ToxiGen's human score is a 1..5 mean; the released export labels "hate" iff score > 3.
 TOXIGEN_HATE_THRESHOLD = 3.0
 _TOXIGEN_LABELS = {"hate": 1.0, "neutral": 0.0}
-# Excel's escaped carriage return, left in some ToxiGen statements.
-_EXCEL_CR = "_x000D_"
 
 RowMapper = Callable[[Mapping[str, Any], str], Example]
 
@@ -76,7 +74,7 @@ def toxigen_example(
     ``label`` is 1.0 for hateful statements: the export's ``label == "hate"``, or for hub
     rows ``toxicity_human > threshold``. ``meta`` keeps the 1..5 score and target groups.
     """
-    text = _text_field(row, "text", where).replace(_EXCEL_CR, "\n").strip()
+    text = _text_field(row, "text", where).replace(EXCEL_CR, "\n").strip()
     if "label" in row and row["label"] is not None:
         label = parse_label(row["label"], _TOXIGEN_LABELS, where)
         score = row.get("toxicity_score", row.get("toxicity_human"))
@@ -327,4 +325,56 @@ def load_real_toxicity_prompts(
     examples = _map_rows(iter_dataset_rows(dataset, f"{name}[{split}]", limit), mapper)
     if challenging_only:
         examples = [e for e in examples if e.meta["challenging"]]
+    return examples
+
+
+# ----------------------------------------------------------------------------- config-driven (data.source="hub")
+
+# `data.hub.<domain>.loader` -> (load function, whether it takes a dataset config name).
+HUB_LOADERS: dict[str, tuple[Callable[..., list[Example]], bool]] = {
+    "toxigen": (load_toxigen, True),
+    "wikitext": (load_wikitext, True),
+    "civil_comments": (load_civil_comments, False),
+    "real_toxicity_prompts": (load_real_toxicity_prompts, False),
+}
+_SPEC_KEYS = ("loader", "name", "config", "split", "limit")
+
+
+def load_hub_domains(specs: Mapping[str, Mapping[str, Any]]) -> list[Example]:
+    """Every domain of ``specs`` (the ``data.hub`` config section) loaded by name.
+
+    ``specs``: domain -> {"loader": one of ``HUB_LOADERS``, "name": hub id, local dataset
+    directory or (ToxiGen) local file, "config": dataset config ("" = none), "split", "limit":
+    rows/lines to read (0 = all), any other key: passed to the loader, e.g. ``unit`` (wikitext),
+    ``threshold`` (ToxiGen), ``revision`` (``datasets.load_dataset``)}. Errors name the key.
+    """
+    if not specs:
+        raise UserInputError("config.data.hub is empty: give at least one domain, e.g. "
+                             "{'toxic': {'loader': 'toxigen', 'name': 'skg/toxigen-data', ...}}")
+    examples: list[Example] = []
+    for domain, spec in specs.items():
+        key = f"config.data.hub.{domain}"
+        spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+        loader = spec.get("loader")
+        if loader not in HUB_LOADERS:
+            raise UserInputError(f"{key}.loader={loader!r}: expected one of {sorted(HUB_LOADERS)}")
+        if not spec.get("name"):
+            raise UserInputError(f"{key}.name is empty: give a hub dataset id or a local path")
+        load, takes_config = HUB_LOADERS[loader]
+        extra = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
+        if takes_config:
+            extra["config"] = spec.get("config") or None
+        elif spec.get("config"):
+            raise UserInputError(f"{key}.config={spec['config']!r}: the {loader} loader takes no dataset config")
+        limit = spec.get("limit") or None
+        try:
+            loaded = load(spec["name"], split=spec.get("split") or "train", domain=domain, limit=limit, **extra)
+        except TypeError as err:  # an unknown loader argument
+            raise UserInputError(f"{key}: {err}") from err
+        except UserInputError as err:
+            raise type(err)(f"{key} ({loader}): {err}") from err
+        if not loaded:
+            raise UserInputError(f"{key}: {spec['name']!r} gave no examples")
+        log.info("%s: %d examples from %s", key, len(loaded), spec["name"])
+        examples += loaded
     return examples

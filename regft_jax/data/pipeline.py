@@ -30,7 +30,8 @@ from typing import Mapping
 
 import ml_collections
 
-from regft_jax.data.files import FieldMap, load_local
+from regft_jax.data.files import LABEL_NAMES, FieldMap, load_local
+from regft_jax.data.hub import load_hub_domains
 from regft_jax.data.mixture import (
     check_disjoint,
     dedup_examples,
@@ -44,7 +45,7 @@ from regft_jax.data.records import Example
 from regft_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer  # noqa: F401 - check_vocab re-exported
 from regft_jax.errors import UserInputError
 
-SOURCES = ("offline", "files")
+SOURCES = ("offline", "files", "hub")
 
 
 @dataclasses.dataclass
@@ -85,10 +86,14 @@ class Corpus:
 
 
 def load_examples(data: ml_collections.ConfigDict) -> list[Example]:
-    """`data.source`: "offline" (the embedded corpus) or "files" (`data.files`: comma-separated
-    `domain:path[:label_field[:text_field]]` entries; jsonl/csv/json by suffix)."""
+    """`data.source`: "offline" (the embedded corpus), "files" (`data.files`: comma-separated
+    `domain:path[:label_field[:text_field]]` entries; jsonl/csv/json by suffix; string labels
+    hate/neutral as in ToxiGen's `toxiGen.json`) or "hub" (`data.hub`: per domain, a dataset by HF
+    name or local copy, see `hub.load_hub_domains`)."""
     if data.source == "offline":
         return load_offline_corpus(data.cache_dir or None)
+    if data.source == "hub":
+        return load_hub_domains(data.get("hub"))
     if data.source == "files":
         examples = []
         for spec in filter(None, (s.strip() for s in data.files.split(","))):
@@ -96,7 +101,8 @@ def load_examples(data: ml_collections.ConfigDict) -> list[Example]:
             if not 2 <= len(parts) <= 4 or not all(parts[:2]):
                 raise UserInputError(f"config.data.files entry {spec!r}: expected domain:path[:label_field[:text_field]]")
             domain, path, label, text = (parts + ["", ""])[:4]
-            fields = FieldMap(text_field=text or "text", domain=domain, label_field=label or None)
+            fields = FieldMap(text_field=text or "text", domain=domain, label_field=label or None,
+                              label_map=LABEL_NAMES)
             examples += load_local(os.path.expanduser(path), fields)
         if not examples:
             raise UserInputError(f"config.data.files={data.files!r}: no examples (data.source='files')")

@@ -11,7 +11,7 @@ are fitted on `corpus.train[config.data.toxic_domain]` and cache their model und
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -44,12 +44,16 @@ class Frozen:
 class MethodSpec:
     """Static description of the objective: per-domain regularizer kinds and weights, p_ref, β.
 
-    domain_rows: rows per domain id when corpus batches hold the domains in contiguous row
-    ranges in id order (`MixtureBatcher(shuffle_slots=False)`); then the extra forwards (the
-    anchor for Ω_keep, the auxiliary model and a snapshot for Ω_tox) run only on the rows that
-    need them. None: on every row.
+    domain_rows: rows per domain id when corpus batches hold the domains in contiguous slot
+    ranges in id order, dealt over `shards` row blocks (`MixtureBatcher(shuffle_slots=False,
+    shards=...)`, `data.batching.dealt_order`); then the extra forwards (the anchor for Ω_keep, the
+    auxiliary model and a snapshot for Ω_tox) run only on a window of each block's rows that
+    covers the rows that need them (`rows`). None: on every row.
+    shards: the data-parallel size of the batch axis (`sharding.batch_shards`; 1 off a mesh). The
+    windows are sliced per shard (`sharding.shard_window`), so the extra forwards stay sharded.
     accum_steps: microbatches per step (`accumulated_value_and_grad`, strided rows), for the LLM's
-    and, in `joint_step`, the auxiliary model's update; it must divide every domain's row count.
+    and, in `joint_step`, the auxiliary model's update; shards · accum_steps must divide the batch.
+    split: set by `microbatch` (the strided microbatches the batch came from).
     sample_tokens: the generated columns at the end of each sample row (`aux_step`); None: any column.
     sample_lambda: weight of Ω_tox at the prefixes of sampled continuations (`sample_regularizer`;
     0: corpus positions only).
@@ -63,22 +67,25 @@ class MethodSpec:
     accum_steps: int = 1
     sample_tokens: Optional[int] = None
     sample_lambda: float = 0.0
+    shards: int = 1
+    split: int = 1
 
     def __post_init__(self):
         if self.p_ref not in P_REF:
             raise UserInputError(f"config.method.p_ref={self.p_ref!r}: expected one of {P_REF}")
-        if self.accum_steps < 1 or any(n % self.accum_steps for n in self.domain_rows or ()):
-            raise UserInputError(f"config.method.accum_steps={self.accum_steps}: must be ≥ 1 and divide the "
-                                 f"rows of every domain in a batch {self.domain_rows}")
+        groups = self.shards * self.accum_steps * self.split
+        if self.accum_steps < 1 or self.shards < 1 or sum(self.domain_rows or ()) % max(groups, 1):
+            raise UserInputError(f"config.method.accum_steps={self.accum_steps}: must be ≥ 1 and, times the "
+                                 f"data-parallel size {self.shards}, divide config.method.batch_size="
+                                 f"{sum(self.domain_rows or ())} (domain rows {self.domain_rows})")
 
     @property
     def microbatch(self) -> "MethodSpec":
         """The spec of one of the `accum_steps` microbatches (rows j::accum_steps of a batch)."""
-        rows = None if self.domain_rows is None else tuple(n // self.accum_steps for n in self.domain_rows)
-        return dataclasses.replace(self, domain_rows=rows, accum_steps=1)
+        return dataclasses.replace(self, accum_steps=1, split=self.split * self.accum_steps)
 
     @classmethod
-    def from_config(cls, method, toxic: tuple[bool, ...], domain_rows=None) -> "MethodSpec":
+    def from_config(cls, method, toxic: tuple[bool, ...], domain_rows=None, shards: int = 1) -> "MethodSpec":
         """`method.reg_prefixes` says where Ω_tox applies: "corpus" (the corpus positions of its
         domains), "samples" (the prefixes of sampled continuations, weight `lambda_samples`; the
         corpus keeps its Ω_keep domains, if adaptive) or "both"."""
@@ -90,15 +97,25 @@ class MethodSpec:
                    None if domain_rows is None else tuple(int(n) for n in domain_rows),
                    int(method.get("accum_steps", 1)),
                    None if method.get("sample_tokens") is None else int(method.sample_tokens),
-                   float(method.get("lambda_samples", method.lambda_toxic)) if prefixes != "corpus" else 0.0)
+                   float(method.get("lambda_samples", method.lambda_toxic)) if prefixes != "corpus" else 0.0,
+                   shards=shards)
 
     def rows(self, kind: str, batch: int) -> tuple[int, int]:
-        """The (static) row range covering every row whose domain uses regularizer `kind`."""
+        """The (static) window lo..hi−1 of each shard's batch / shards rows that covers every row whose
+        domain uses regularizer `kind` (rows of other domains inside it are computed, then masked).
+
+        Row k of a shard holds slot k·G + c of the full batch's contiguous domain order, for an offset
+        c in [0, G), G = shards · split (the deal, then the strided microbatches), so the slots lo..hi−1
+        of those domains fall in rows floor(lo / G) .. ceil(hi / G) − 1 of every shard: exactly their
+        rows when G divides the domain boundaries, at most one extra row per end otherwise."""
         if self.domain_rows is None:
-            return 0, batch
+            return 0, batch // self.shards
         ends = np.cumsum((0,) + self.domain_rows)
         ids = [d for d, k in enumerate(self.kinds) if k == kind and self.domain_rows[d] > 0]
-        return (int(ends[min(ids)]), int(ends[max(ids) + 1])) if ids else (0, 0)
+        if not ids:
+            return 0, 0
+        g = self.shards * self.split
+        return int(ends[min(ids)]) // g, -(-int(ends[max(ids) + 1]) // g)
 
     @property
     def needs_anchor(self) -> bool:
@@ -116,15 +133,18 @@ def llm_objective(llm_cfg: ModelConfig, aux_cfg: ModelConfig, spec: MethodSpec, 
 
     p_ref = stop_gradient(current logits) ("current": no extra forward) or the snapshot's logits;
     z = the auxiliary model's logits (not trained by this loss); the anchor's logits for Ω_keep.
-    Each extra forward runs on the row range that needs it (`MethodSpec.rows`), zeros elsewhere."""
+    Each extra forward runs on the window of every shard's rows that needs it (`MethodSpec.rows`),
+    zeros elsewhere: sliced per shard, it stays sharded over the batch (see `sharding.shard_window`)."""
     inputs = packed_inputs(batch)  # with segment ids: attention and RoPE within each packed document
     logits = forward(llm_cfg, params, **inputs)
-    b = logits.shape[0]
+    b, n = logits.shape[0], spec.shards
 
     def on_rows(kind, fn):
         lo, hi = spec.rows(kind, b)
-        out = jax.lax.stop_gradient(fn({k: v[lo:hi] for k, v in inputs.items()}))
-        return jnp.pad(out, ((lo, b - hi),) + ((0, 0),) * (out.ndim - 1))
+        if (lo, hi) == (0, b // n):
+            return jax.lax.stop_gradient(fn(dict(inputs)))
+        out = jax.lax.stop_gradient(fn({k: shd.shard_window(v, lo, hi, n) for k, v in inputs.items()}))
+        return shd.constrain(shd.unshard_window(out, lo, hi, b // n, n), ("batch", "length", "vocab"))
 
     ref_logits = z = anchor_logits = None
     if spec.needs_aux:

@@ -27,11 +27,11 @@ prompts); the training oracle (`method.oracle`) scores the continuation (`label_
 proposals; a nucleus (top-p < 1) proposal never draws the tokens it cuts, which no weight restores. With `method.reg_prefixes`
 "samples" or "both", Ω_tox also applies at the prefixes of the sampled continuations.
 
-Checkpoints (`<workdir>/checkpoints/<name>/`, every `method.checkpoint_every` LLM steps and at the
-end) hold both train states, the snapshot, the labeled sample set and the schedule position; a
-run started again in the same work directory resumes from the latest one and reaches the same
-parameters as an uninterrupted run (`method.resume=False`: the checkpoints are deleted, the run
-starts over).
+Checkpoints (`<workdir>/checkpoints/<name>/`, every `method.checkpoint_every` LLM steps, at the end
+and at the step boundary after a SIGTERM/SIGINT, `regft_jax.preemption`) hold both train states,
+the snapshot, the labeled sample set and the schedule position; a run started again in the same
+work directory resumes from the latest one and reaches the same parameters as an uninterrupted run
+(`method.resume=False`: the checkpoints are deleted, the run starts over).
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from regft_jax import multihost, sampling
+from regft_jax import multihost, preemption, sampling
+from regft_jax.precision import check_update_precision
 from regft_jax.checkpoint import RunCheckpointer
 from regft_jax.data.batching import MixtureBatcher
 from regft_jax.data.mixture import prompt_of
@@ -59,19 +60,22 @@ from regft_jax.data.pipeline import Corpus, check_domains
 from regft_jax.config_utils import require
 from regft_jax.models.aux import aux_config, init_aux_params
 from regft_jax.oracles.base import OracleError
+from regft_jax import sharding as shd
 from regft_jax.sharding import abstract_on, batch_sharding, tree_batch_shardings
 from regft_jax.train.aux import aux_state_shardings, make_aux_step
 from regft_jax.train.loop import NonFiniteLossError, corpus_keys, global_batches
 from regft_jax.train.method import P_REF, Frozen, MethodSpec, make_joint_step, make_llm_step
 from regft_jax.train.steps import TrainState, init_train_state, make_optimizer, train_state_shardings
 from regft_jax.train.tensorboard import SummaryWriter
+from regft_jax.train.throughput import Throughput
 
 SCHEDULES = ("parallel", "sequential")
 REG_PREFIXES = ("corpus", "samples", "both")  # where Ω_tox applies (DESIGN §1)
 
 
-def check_method_config(config) -> None:
-    """The `config.method` values a run depends on; a bad one stops it with one line naming the key."""
+def check_method_config(config, mesh=None) -> None:
+    """The `config.method` values a run depends on; a bad one stops it with one line naming the key.
+    With the `mesh`: batch sizes split evenly over its data-parallel shards (and microbatches)."""
     m = config.method
     require(config, "method.schedule", m.schedule in SCHEDULES, f"one of {SCHEDULES}")
     require(config, "method.p_ref", m.p_ref in P_REF, f"one of {P_REF}")
@@ -89,6 +93,12 @@ def check_method_config(config) -> None:
                 "an integer >= 1 with the sequential schedule (0 would leave R constant: no regularization)")
     require(config, "method.sample_temperature", m.sample_temperature > 0, "> 0 (samples must come from a distribution)")
     require(config, "method.sample_top_p", 0 < m.sample_top_p <= 1, "in (0, 1]")
+    if mesh is not None:  # (domain rows need not: `MethodSpec.rows` windows cover uneven shares)
+        dp, a = shd.batch_shards(mesh), m.accum_steps
+        for key, accum in (("batch_size", True), ("sample_batch_size", True), ("samples_per_iteration", False)):
+            require(config, f"method.{key}", m[key] % (dp * a if accum else dp) == 0,
+                    f"a multiple of the data-parallel size {dp}" + (f" × config.method.accum_steps={a}" if accum
+                    and a > 1 else "") + f" (config.mesh={dict(mesh.shape)}: data × fsdp)")
 
 
 @dataclasses.dataclass
@@ -233,11 +243,15 @@ class MetricsWriter:
             self.f = open(os.path.join(workdir, f"metrics_{name}.jsonl"), "w")
             self.tb = SummaryWriter(os.path.join(workdir, "tb", name))
             for i, h in enumerate(history):
-                self.f.write(json.dumps({"step": i + 1, **h}) + "\n")
+                self.f.write(self._line(i + 1, h))
+
+    @staticmethod
+    def _line(step: int, metrics: dict) -> str:
+        return json.dumps({"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}) + "\n"
 
     def write(self, step: int, metrics: dict) -> None:
         if self.f:
-            self.f.write(json.dumps({"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}) + "\n")
+            self.f.write(self._line(step, metrics))
             self.tb.scalars(metrics, step)
 
     def close(self):
@@ -305,16 +319,19 @@ class MethodRun:
 
     def __init__(self, config, mesh, corpus: Corpus, cfg, base_params, oracle, *, workdir: Optional[str], desc: str,
                  stop_after: Optional[int]):
-        check_method_config(config)
+        check_method_config(config, mesh)
         method = self.method = config.method
         self.config, self.mesh, self.cfg, self.desc, self.stop_after = config, mesh, cfg, desc, stop_after
+        check_update_precision(config, base_params, ("method.learning_rate", "method.aux_learning_rate"))
         domains = corpus.domains
         batcher = MixtureBatcher(corpus.packed("train", config.data.seq_len), dict(method.proportions),
                                  method.batch_size, seed=config.seed + 7,
                                  domain_ids={d: i for i, d in enumerate(domains)},
-                                 shuffle_slots=False)  # contiguous domain rows: extra forwards only where needed
+                                 # contiguous domain rows in every data shard: extra forwards only where needed
+                                 shuffle_slots=False, shards=shd.batch_shards(mesh))
         self.spec = MethodSpec.from_config(method, tuple(d == config.data.toxic_domain for d in domains),
-                                           domain_rows=tuple(batcher.quotas.get(d, 0) for d in domains))
+                                           domain_rows=tuple(batcher.quotas.get(d, 0) for d in domains),
+                                           shards=shd.batch_shards(mesh))
         self.num_steps = method.iterations * method.llm_steps
         self.llm_opt = make_optimizer(method.learning_rate, weight_decay=method.weight_decay, grad_clip=1.0,
                                       warmup_steps=method.warmup_steps, total_steps=self.num_steps)
@@ -335,7 +352,9 @@ class MethodRun:
         self.writer = MetricsWriter(workdir, desc, self.run.history)
         self.bar = tqdm(total=self.num_steps, initial=self.run.step, desc=f"{desc} ({method.schedule})",
                         disable=not sys.stderr.isatty(), leave=False)
-        self.last_record = time.time()
+        self.meter = Throughput.from_config(config, desc, cfg, mesh, batch_size=method.batch_size,
+                                            seq_len=config.data.seq_len, total_steps=self.num_steps)
+        self.meter.reset(self.run.step)
 
     def _initial_state(self, base_params) -> RunState:
         """A fresh start (bootstrap samples from the base model), or the latest checkpoint. The
@@ -395,31 +414,36 @@ class MethodRun:
         """Fetch the metrics of the steps since the last call (waits for them) and log them;
         `pending`: (device metrics, host metrics) per step."""
         pending = jax.device_get(pending)
-        now = time.time()
-        tokens = len(pending) * self.method.batch_size * self.config.data.seq_len
-        throughput = {"tokens_per_s": tokens / max(now - self.last_record, 1e-9)}
-        self.last_record = now
+        throughput = self.meter.measure(self.run.step)  # tokens/s and MFU of the steps since the last call
         history = self.run.history
         for m, extra in pending:
             history.append({**{k: float(np.asarray(v)) for k, v in m.items()}, **extra, **throughput})
             self.writer.write(len(history), history[-1])
+        if self.meter.due(len(history)) and multihost.is_primary():
+            print(self.meter.line(len(history), history[-1], "llm/loss"), flush=True)
         loss = history[-1].get("llm/loss")
         if loss is not None and not np.isfinite(loss):
             raise NonFiniteLossError(f"{self.desc}: non-finite LLM loss at step {len(history)}")
 
     def log_and_checkpoint(self, pending: list, labels: Optional[PendingLabels] = None) -> None:
-        """Every `checkpoint_every` LLM steps and at the end: log, and checkpoint (the sample set's
-        labels still being computed by `labels` are waited for: the checkpoint holds them all)."""
+        """At every step boundary. Every `log_every` steps: log; every `checkpoint_every` LLM steps, at
+        the end and on preemption (SIGTERM/SIGINT): log and checkpoint (the sample set's labels still
+        being computed by `labels` are waited for: the checkpoint holds them all); then a preemption
+        raises `preemption.Preempted`."""
         run = self.run
-        if run.step % self.every and run.step != self.num_steps:
+        stop = preemption.requested()
+        checkpoint = stop or run.step % self.every == 0 or run.step == self.num_steps
+        if not (checkpoint or self.meter.due(run.step)):
             return
         if pending:
             self.record(pending)
             pending.clear()
-        if self.ckpt is not None:
+        if checkpoint and self.ckpt is not None:
             if labels is not None:
                 self.wait(labels.complete)
             save_run(self.ckpt, run)
+        if stop:
+            raise preemption.Preempted(run.step, self.desc, saved=self.ckpt is not None)
 
     def wait(self, fn, *args):
         t0 = time.time()
@@ -458,6 +482,7 @@ class MethodRun:
     def parallel(self) -> None:
         run, spec, per_iteration = self.run, self.spec, self.method.llm_steps
         joint, pending = self.steps.result()["joint"], []
+        self.meter.reset(run.step)  # (compiled)
         for it in range(run.step // per_iteration + 1, self.method.iterations + 1):
             first = run.step - (it - 1) * per_iteration
             labels = None
@@ -482,6 +507,7 @@ class MethodRun:
         run, spec, per_iteration = self.run, self.spec, self.method.llm_steps
         steps = self.steps.result()
         llm_fn, aux_fn, pending = steps["llm"], steps["aux"], []
+        self.meter.reset(run.step)  # (compiled)
         for it in range(run.step // per_iteration + 1, self.method.iterations + 1):
             first = run.step - (it - 1) * per_iteration
             aux_metrics = {}
@@ -510,7 +536,8 @@ class MethodRun:
 
     def __call__(self):
         try:
-            getattr(self, self.method.schedule)()
+            with preemption.guard():  # SIGTERM/SIGINT: checkpoint at the next step boundary, `Preempted`
+                getattr(self, self.method.schedule)()
             jax.block_until_ready(self.run.llm)
         finally:
             self.bar.close()
