@@ -82,7 +82,8 @@ HARDWARE = {
     "v5e-64": Hardware(64, 16, 197, batch_size=128, sample_batch_size=64, samples_per_iteration=1024,
                        eval_batch_size=128, remat="full"),
     # One node with 8 H100 (80 GB; dense bf16 peak of the SXM part).
-    "8xh100": Hardware(8, 80, 989, batch_size=32, sample_batch_size=16, samples_per_iteration=512,
+    "8xh100": Hardware(8, 74.5, 989,  # 80 GB = 74.5 GiB
+                       batch_size=32, sample_batch_size=16, samples_per_iteration=512,
                        eval_batch_size=64, remat="dots_no_batch"),
     # Whatever devices there are: FSDP over all of them.
     "auto": Hardware(0, 0, 0, batch_size=64, sample_batch_size=32, samples_per_iteration=512,

@@ -60,11 +60,18 @@ def _validate(config) -> None:
         from regft_jax.eval.judges import check_oracle_config
 
         check_oracle_config(config)
+    from regft_jax import sharding
+
+    mesh = sharding.make_mesh(dict(config.mesh))
+    dp = sharding.batch_shards(mesh)
+    key = "train.batch_size" if config.stage == "smoke" else "base.batch_size"
+    if config.stage == "smoke" or config.model.source == "random":  # (pretraining a base model)
+        require(config, key, config[key.split(".")[0]].batch_size % dp == 0,
+                f"a multiple of the data-parallel size {dp} (config.mesh={dict(mesh.shape)}: data × fsdp)")
     if config.stage == "detox":
-        from regft_jax import sharding
         from regft_jax.train.schedules import check_method_config
 
-        check_method_config(config, sharding.make_mesh(dict(config.mesh)))  # batch sizes vs data-parallel size
+        check_method_config(config, mesh)  # batch sizes vs data-parallel size
 
 
 def run_smoke(config, workdir: str) -> dict:

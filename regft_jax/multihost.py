@@ -91,12 +91,30 @@ def gather_shares(local: np.ndarray, n: int) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(padded, tiled=True))[:n]
 
 
+def gather_computed_share(compute: Callable[[], np.ndarray], n: int) -> np.ndarray:
+    """`gather_shares` of this process's share as `compute()` returns it. An exception in any process's
+    `compute` is raised on every process (re-raised where it happened, a RuntimeError naming that
+    process elsewhere) instead of leaving the others waiting in the gather."""
+    if jax.process_count() == 1:
+        return np.asarray(compute())
+    try:
+        local, error = np.asarray(compute()), None
+    except Exception as e:  # noqa: BLE001 - re-raised below, after every process knows
+        local, error = None, e
+    failed = gather_shares(np.array([error is not None]), jax.process_count())
+    if error is not None:
+        raise error
+    if failed.any():
+        raise RuntimeError(f"process {int(np.argmax(failed))} failed computing its share (see its log); "
+                           "stopping every process")
+    return gather_shares(local, n)
+
+
 def split_over_processes(fn: Callable[[Sequence], np.ndarray], items: Sequence, dtype=np.float32) -> np.ndarray:
     """fn(items) computed as fn of each process's share, gathered: every process gets the whole
     result having done 1/process_count of the (host) work. fn returns one value per item."""
     lo, hi = share(len(items))
-    local = np.asarray(fn(items[lo:hi]) if hi > lo else [], dtype)
-    return gather_shares(local, len(items))
+    return gather_computed_share(lambda: np.asarray(fn(items[lo:hi]) if hi > lo else [], dtype), len(items))
 
 
 def all_agree(flag: bool) -> bool:

@@ -72,8 +72,7 @@ def guard():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    if _state["depth"] == 0:
-        _state["signal"] = None
+    if _state["depth"] == 0:  # (a signal that came after the previous loop's last boundary still counts)
         handlers = ({signal.SIGINT: _forward_to_service} if _synced() else  # SIGTERM: jax's own handler
                     {s: _on_signal for s in SIGNALS})
         _state["previous"] = {s: signal.signal(s, h) for s, h in handlers.items()}
@@ -102,6 +101,7 @@ def requested() -> bool:
         return bool(multihost_utils.reached_preemption_sync_point(_state["boundaries"]))
     local = _state["signal"] is not None
     if jax.process_count() == 1:
+        _state["signal"] = None  # consumed: this boundary stops
         return local
     from regft_jax import multihost
 

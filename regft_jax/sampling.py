@@ -255,7 +255,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     if longest + max_new_tokens > cfg.max_seq_len:
         raise UserInputError(f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} "
                              f"exceeds the model's max_seq_len {cfg.max_seq_len}")
-    dp = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    dp = 1 if mesh is None else shd.batch_shards(mesh)
     fn = make_sampler(cfg, mesh, max_new_tokens=max_new_tokens, greedy=temperature == 0.0, top_k=top_k,
                       use_top_p=top_p < 1.0, eos_id=eos_id, pad_id=pad_id, guidance=guidance)
     rng = jax.random.key(seed)

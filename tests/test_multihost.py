@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from regft_jax import multihost
-from tests.test_pipeline import REPO, _fixture
+from tests.test_pipeline import REPO, _fixture, detox_argv
 
 
 def _env(devices: int) -> dict:
@@ -150,22 +150,6 @@ def test_generation_perplexity_and_scoring_across_two_processes(tmp_path):
     assert np.isfinite(results[0]["ppl"]) and results[0]["ppl"] > 1
 
 
-def _detox_args(tmp_path, tok) -> list[str]:
-    files = f"general:{tmp_path / 'general.jsonl'},toxic:{tmp_path / 'toxic.jsonl'}:insult"
-    # a training oracle that flags some of the tiny model's samples (mixed labels: R is learned)
-    return [sys.executable, "-m", "regft_jax.main", "--config=configs/tiny.py", "--config.stage=detox",
-            "--config.data.source=files", f"--config.data.tokenizer={tok}", f"--config.data.files={files}",
-            "--config.data.seq_len=32", "--config.data.num_prompts.toxic=10", "--config.data.num_prompts.general=5",
-            "--config.data.prompt_words=2", "--config.model.arch.num_layers=2", "--config.model.arch.hidden_size=32",
-            "--config.model.arch.head_dim=8", "--config.model.arch.mlp_dim=64", "--config.base.steps=20",
-            "--config.base.batch_size=8", "--config.method.iterations=2", "--config.method.llm_steps=3",
-            "--config.method.batch_size=8", "--config.method.samples_per_iteration=8",
-            "--config.method.sample_batch_size=4", "--config.method.sample_tokens=6", "--config.method.checkpoint_every=3",
-            "--config.eval.max_new_tokens=8", "--config.method.oracle=regex",
-            "--config.method.oracle_args={'words': ['river', 'moon', 'garden']}",
-            "--config.eval.oracles=regex,insult_classifier"]
-
-
 def _read(workdir) -> tuple[dict, list, list]:
     results = json.loads((workdir / "results.json").read_text())
     generations = [json.loads(line) for line in (workdir / "generations.jsonl").read_text().splitlines()]
@@ -187,19 +171,20 @@ def _assert_same_results(a: dict, b: dict) -> None:
 
 def test_detox_stage_two_processes_equals_one_process(tmp_path):
     tok = _fixture(tmp_path)
-    args = _detox_args(tmp_path, tok)
+    # a training oracle that flags some of the tiny model's samples (mixed labels: R is learned)
+    argv = lambda workdir, cache, **kw: detox_argv(
+        tmp_path, tok, workdir, data__cache_dir=tmp_path / cache, method__checkpoint_every=3,
+        method__oracle_args="{'words': ['river', 'moon', 'garden']}", **kw)
     port = _port()
     multi = tmp_path / "two_processes"
-    outs = _two_processes(lambda i: args + [f"--config.data.cache_dir={tmp_path / 'cache2'}", f"--workdir={multi}",
-                                             f"--config.coordinator=127.0.0.1:{port}", "--config.num_processes=2",
-                                             f"--config.process_id={i}"], timeout=600)
+    outs = _two_processes(lambda i: argv(multi, "cache2", coordinator=f"127.0.0.1:{port}", num_processes=2,
+                                         process_id=i), timeout=600)
     for o in outs:
         assert o.returncode == 0, o.stderr[-3000:]
     assert "pretraining" in outs[0].stdout and "ours (parallel" in outs[1].stdout
 
     single = tmp_path / "one_process"
-    one = subprocess.run(args + [f"--config.data.cache_dir={tmp_path / 'cache1'}", f"--workdir={single}"], cwd=REPO,
-                         env=_env(4), capture_output=True, text=True, timeout=600)
+    one = subprocess.run(argv(single, "cache1"), cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
 
     (r2, g2, h2), (r1, g1, h1) = _read(multi), _read(single)
@@ -215,8 +200,7 @@ def test_detox_stage_two_processes_equals_one_process(tmp_path):
     assert any(0 < h["aux/mean_label"] < 1 for h in h1)  # mixed labels: the auxiliary model learns something
 
     # The 2-process run's checkpoints (SFT and ours, finished) restore in 1 process on another mesh.
-    again = subprocess.run(args + [f"--config.data.cache_dir={tmp_path / 'cache2'}", f"--workdir={multi}",
-                                   "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2"],
+    again = subprocess.run(argv(multi, "cache2", mesh__data=2, mesh__fsdp=1, mesh__tensor=2),
                            cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and "pretraining" not in again.stdout

@@ -49,6 +49,26 @@ def _data_config(tmp_path, tok):
         "toxic_domain": "toxic", "toxic_prompts_from_violations": True, "document_attention": True})
 
 
+# A `detox` run of the entry point on the `_fixture` corpus, about 30 s on 2 CPU devices.
+TINY_DETOX = {
+    "stage": "detox", "data.source": "files", "data.seq_len": 32, "data.num_prompts.toxic": 10,
+    "data.num_prompts.general": 5, "data.prompt_words": 2, "model.arch.num_layers": 2, "model.arch.hidden_size": 32,
+    "model.arch.head_dim": 8, "model.arch.mlp_dim": 64, "base.steps": 20, "base.batch_size": 8,
+    "method.iterations": 2, "method.llm_steps": 3, "method.batch_size": 8, "method.samples_per_iteration": 8,
+    "method.sample_batch_size": 4, "method.sample_tokens": 6, "eval.max_new_tokens": 8, "method.oracle": "regex",
+    "method.oracle_args": "{'words': ['idiot']}", "eval.oracles": "regex,insult_classifier"}
+
+
+def detox_argv(tmp_path, tok, workdir, **overrides) -> list[str]:
+    """`python -m regft_jax.main` argv of `TINY_DETOX` on the fixture corpus in `tmp_path` (`_fixture`);
+    `overrides`: config keys with "__" for "." (e.g. method__llm_steps=4), cache_dir under tmp_path."""
+    files = f"general:{tmp_path / 'general.jsonl'},toxic:{tmp_path / 'toxic.jsonl'}:insult"
+    values = {**TINY_DETOX, "data.tokenizer": tok, "data.files": files, "data.cache_dir": tmp_path / "cache",
+              **{k.replace("__", "."): v for k, v in overrides.items()}}
+    return [sys.executable, "-m", "regft_jax.main", "--config=configs/tiny.py",
+            *(f"--config.{k}={v}" for k, v in values.items()), f"--workdir={workdir}"]
+
+
 def test_corpus_splits_are_disjoint_and_toxic_prompts_are_violations(tmp_path):
     data = _data_config(tmp_path, _fixture(tmp_path))
     corpus = build_corpus(data, seed=0)

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -39,7 +38,8 @@ from regft_jax.train import throughput
 from regft_jax.train.base_model import train_lm
 from regft_jax.train.steps import sft_loss
 from regft_jax.train.throughput import Throughput
-from tests.test_pipeline import REPO, _data_config, _fixture
+from tests.test_pipeline import REPO, _data_config, _fixture, detox_argv
+from tests.test_multihost import _port
 
 CFG = models.ModelConfig(family="llama", vocab_size=300, hidden_size=32, num_layers=2, num_heads=2,
                          num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64)
@@ -193,9 +193,7 @@ _TWO = textwrap.dedent("""
 def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     script = tmp_path / "two.py"
     script.write_text(_TWO)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=REPO, REGFT_JAX_STEP_SLEEP="0.05")
     procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), str(tmp_path)], cwd=REPO,
@@ -224,19 +222,8 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
 
 
 def _detox_args(tmp_path, tok, workdir, cache) -> list:
-    files = f"general:{tmp_path / 'general.jsonl'},toxic:{tmp_path / 'toxic.jsonl'}:insult"
-    return [sys.executable, "-m", "regft_jax.main", "--config=configs/tiny.py", "--config.stage=detox",
-            "--config.data.source=files", f"--config.data.tokenizer={tok}", f"--config.data.files={files}",
-            "--config.data.seq_len=32", f"--config.data.cache_dir={cache}",
-            "--config.data.num_prompts.toxic=10", "--config.data.num_prompts.general=5",
-            "--config.data.prompt_words=2", "--config.model.arch.num_layers=2", "--config.model.arch.hidden_size=32",
-            "--config.model.arch.head_dim=8", "--config.model.arch.mlp_dim=64", "--config.base.steps=10",
-            "--config.base.batch_size=8", "--config.method.iterations=2", "--config.method.llm_steps=4",
-            "--config.method.checkpoint_every=4", "--config.method.batch_size=8",
-            "--config.method.samples_per_iteration=8", "--config.method.sample_batch_size=4",
-            "--config.method.sample_tokens=6", "--config.eval.max_new_tokens=8", "--config.method.oracle=regex",
-            "--config.method.oracle_args={'words': ['idiot']}", "--config.eval.oracles=regex",
-            "--config.log_every=1", "--config.hardware.peak_tflops=1.0", f"--workdir={workdir}"]
+    return detox_argv(tmp_path, tok, workdir, data__cache_dir=cache, base__steps=10, method__llm_steps=4,
+                      method__checkpoint_every=4, eval__oracles="regex", log_every=1, hardware__peak_tflops=1.0)
 
 
 def _jsonl(path) -> list:

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,7 +18,7 @@ from regft_jax.errors import UserInputError
 from regft_jax.oracles import make_oracle
 from regft_jax.train.baselines import sft_baseline
 from regft_jax.train.schedules import run_method
-from tests.test_pipeline import REPO, _data_config, _fixture
+from tests.test_pipeline import REPO, _data_config, _fixture, detox_argv
 
 CFG = models.ModelConfig(family="llama", vocab_size=300, hidden_size=32, num_layers=2, num_heads=2,
                          num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64)
@@ -125,19 +124,7 @@ def test_sft_baseline_checkpoints_and_resumes(setup, tmp_path, capsys):
 
 def test_detox_stage_end_to_end(tmp_path):
     tok = _fixture(tmp_path)
-    files = f"general:{tmp_path / 'general.jsonl'},toxic:{tmp_path / 'toxic.jsonl'}:insult"
-    args = [sys.executable, "-m", "regft_jax.main", "--config=configs/tiny.py", "--config.stage=detox",
-            "--config.data.source=files", f"--config.data.tokenizer={tok}", f"--config.data.files={files}",
-            "--config.data.seq_len=32", f"--config.data.cache_dir={tmp_path / 'cache'}",
-            "--config.data.num_prompts.toxic=10", "--config.data.num_prompts.general=5",
-            "--config.data.prompt_words=2", "--config.model.arch.num_layers=2", "--config.model.arch.hidden_size=32",
-            "--config.model.arch.head_dim=8", "--config.model.arch.mlp_dim=64", "--config.base.steps=20",
-            "--config.base.batch_size=8", "--config.method.iterations=2", "--config.method.llm_steps=3",
-            "--config.method.batch_size=8", "--config.method.samples_per_iteration=8",
-            "--config.method.sample_batch_size=4", "--config.method.sample_tokens=6",
-            "--config.eval.max_new_tokens=8", "--config.method.oracle=regex",
-            "--config.method.oracle_args={'words': ['idiot']}", "--config.eval.oracles=regex,insult_classifier",
-            f"--workdir={tmp_path / 'run'}"]
+    args = detox_argv(tmp_path, tok, tmp_path / "run")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]

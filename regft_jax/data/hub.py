@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from regft_jax.data.files import EXCEL_CR, iter_csv_rows, iter_json_rows, iter_jsonl_rows, parse_label
+from regft_jax.data.files import EXCEL_CR, LABEL_NAMES, iter_csv_rows, iter_json_rows, iter_jsonl_rows, parse_label
 from regft_jax.data.records import DataFormatError, Example
 from regft_jax.errors import UserInputError
 
@@ -38,8 +38,6 @@ RTP_NAME = "allenai/real-toxicity-prompts"
 
 # ToxiGen's human score is a 1..5 mean; the released export labels "hate" iff score > 3.
 TOXIGEN_HATE_THRESHOLD = 3.0
-_TOXIGEN_LABELS = {"hate": 1.0, "neutral": 0.0}
-
 RowMapper = Callable[[Mapping[str, Any], str], Example]
 
 
@@ -76,7 +74,7 @@ def toxigen_example(
     """
     text = _text_field(row, "text", where).replace(EXCEL_CR, "\n").strip()
     if "label" in row and row["label"] is not None:
-        label = parse_label(row["label"], _TOXIGEN_LABELS, where)
+        label = parse_label(row["label"], LABEL_NAMES, where)
         score = row.get("toxicity_score", row.get("toxicity_human"))
     elif "toxicity_human" in row:
         score = row["toxicity_human"]

@@ -38,7 +38,7 @@ def perplexity(cfg: ModelConfig, params, rows: PackedRows, *, batch_size: int = 
     document, `config.data.document_attention`); False: one causal stream per row."""
     fn = _summed_ce(cfg, mesh, bool(document_attention))
     if mesh is not None:
-        dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        dp = shd.batch_shards(mesh)
         batch_size = -(-batch_size // dp) * dp
     total, count = 0.0, 0.0
     for start in range(0, rows.num_rows, batch_size):

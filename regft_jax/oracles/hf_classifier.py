@@ -162,8 +162,7 @@ class HFClassifierOracle(Oracle):
             if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
                 raise OracleError("hf_classifier: the mesh must hold only this process's devices (jax.local_devices())")
             self._batch_sharding = sharding.batch_sharding(mesh, 2)
-            axes = self._batch_sharding.spec[0] or ()
-            shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+            shards = sharding.batch_shards(mesh)
         self.device_batch_size = shards * math.ceil(device_batch_size / shards)
         self.matmul_precision = matmul_precision
         self._forward, self._params = self._compile(graphdef, host_state)

@@ -28,7 +28,7 @@ from regft_jax.data.pipeline import Corpus
 from regft_jax.data.tokenizer import check_vocab
 from regft_jax.errors import UserInputError
 from regft_jax.precision import check_update_precision
-from regft_jax.models.factory import model_from_config
+from regft_jax.models.factory import model_from_config, runtime_overrides
 from regft_jax.sharding import abstract_on
 from regft_jax.train.loop import corpus_keys, global_batches, run_steps, summarize
 from regft_jax.train.steps import init_train_state, jit_sharded, make_optimizer, sft_step, train_state_shardings
@@ -76,6 +76,7 @@ def train_lm(cfg, params, mesh, batcher: MixtureBatcher, optim, *, steps: int, d
 
 def _cache_key(config, vocab_size: int) -> str:
     parts = {"v": CACHE_VERSION, "arch": config.model.arch.to_dict(), "base": config.base.to_dict(),
+             "numerics": {k: config.model[k] for k in ("param_dtype", "dtype")},
              "seed": config.seed, "vocab": vocab_size,
              "data": {k: config.data[k] for k in ("source", "vocab_size", "valid_fraction", "num_prompts",
                                                   "seq_len", "tokenizer", "document_attention")}}
@@ -103,7 +104,7 @@ def base_model(config, mesh, corpus: Corpus):
         raise UserInputError(f"base-model cache {cache} exists on some hosts only: set config.data.cache_dir to "
                              "a directory every host shares (or to a path that no host has yet)")
     if found.all():
-        cfg, params = checkpoint.load_model(str(cache / "model"), mesh=mesh)
+        cfg, params = checkpoint.load_model(str(cache / "model"), mesh=mesh, **runtime_overrides(config.model))
         info = json.loads(info_file.read_text())
         print(f"base model: cached at {cache} (pretrained {info['steps']} steps in {info['seconds']:.0f}s)")
         return cfg, params, {**info, "cached": True}
@@ -131,7 +132,9 @@ def base_model(config, mesh, corpus: Corpus):
     # every process writes its shards to the same directory (named by process 0's pid), process 0 renames it
     pid = int(multihost.gather_shares(np.array([os.getpid()]), jax.process_count())[0])
     tmp = cache.with_name(cache.name + f".tmp{pid}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if multihost.is_primary():
+        shutil.rmtree(tmp, ignore_errors=True)  # (a leftover of a crashed run with the same pid)
+    multihost.all_agree(True)  # a barrier: nobody saves into it before that
     checkpoint.save_model(str(tmp / "model"), cfg, params)
     if multihost.is_primary():
         (tmp / "info.json").write_text(json.dumps(info, indent=2, default=str))

@@ -153,7 +153,7 @@ class PendingLabels:
         n = self.samples.label.shape[0]
         for j in sorted({int(r) // self.chunk for r in rows} & set(self.futures)):
             lo, hi = j * self.chunk, min((j + 1) * self.chunk, n)
-            self.samples.label[lo:hi] = multihost.gather_shares(self.futures.pop(j).result(), hi - lo)
+            self.samples.label[lo:hi] = multihost.gather_computed_share(self.futures.pop(j).result, hi - lo)
 
     def complete(self) -> Samples:
         self.wait_rows(np.arange(self.samples.label.shape[0]))
@@ -221,7 +221,7 @@ class Sampler:
 
     def label_all(self, samples: Samples) -> Samples:
         n = samples.label.shape[0]
-        samples.label[:] = multihost.gather_shares(self.label_rows(samples, 0, n), n)
+        samples.label[:] = multihost.gather_computed_share(lambda: self.label_rows(samples, 0, n), n)
         return samples
 
     def draw(self, params, iteration: int, step: int) -> Samples:
