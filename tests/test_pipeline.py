@@ -171,3 +171,26 @@ def test_base_stage_end_to_end_and_cached(tmp_path):
     assert second.returncode == 0 and "cached at" in second.stdout and "pretraining" not in second.stdout
     assert json.loads((tmp_path / "run" / "results.json").read_text())["base"]["ppl_toxic"] == pytest.approx(
         results["base"]["ppl_toxic"], rel=1e-6)
+
+
+def test_packed_rows_are_tokenized_once_into_the_cache_and_read_back_equal(tmp_path, monkeypatch):
+    from regft_jax.data import pipeline
+
+    data = _data_config(tmp_path, _fixture(tmp_path))
+    first = build_corpus(data, seed=0).packed("train", 32)
+    files = sorted((tmp_path / "cache" / "tokenized").glob("*.npz"))
+    assert len(files) == 1
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again instead of reading the cache")
+
+    monkeypatch.setattr(pipeline, "pack_documents", no_tokenizing)
+    again = build_corpus(data, seed=0).packed("train", 32)  # a new run: read from the file
+    assert sorted(again) == sorted(first)
+    for d in first:
+        for field in ("tokens", "loss_mask", "segment_ids", "positions"):
+            np.testing.assert_array_equal(getattr(again[d], field), getattr(first[d], field))
+    with pytest.raises(AssertionError, match="tokenized again"):  # other rows (seq_len, split) are new work
+        build_corpus(data, seed=1).packed("train", 32)
+    with pytest.raises(AssertionError, match="tokenized again"):
+        build_corpus(data, seed=0).packed("train", 16)

@@ -25,11 +25,18 @@ The counts dropped per domain are in `Corpus.dropped` and `Corpus.summary()`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
-from typing import Mapping
+import tempfile
+from pathlib import Path
+from typing import Mapping, Optional
 
+import jax
 import ml_collections
+import numpy as np
 
+from regft_jax import multihost
 from regft_jax.data.files import LABEL_NAMES, FieldMap, load_local
 from regft_jax.data.hub import load_hub_domains
 from regft_jax.data.mixture import (
@@ -39,7 +46,7 @@ from regft_jax.data.mixture import (
     make_prompts,
     partition_examples,
 )
-from regft_jax.data.offline import load_offline_corpus, offline_tokenizer
+from regft_jax.data.offline import default_cache_dir, load_offline_corpus, offline_tokenizer
 from regft_jax.data.packing import PackedRows, pack_documents
 from regft_jax.data.records import Example
 from regft_jax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer  # noqa: F401 - check_vocab re-exported
@@ -56,6 +63,7 @@ class Corpus:
     prompts: dict[str, list[Example]]  # held-out evaluation prompts (Example.prompt is set)
     # domain -> {"duplicates", "cross_domain", "prompt_overlap": examples dropped for that reason}
     dropped: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    cache_dir: Optional[str] = None  # where `packed` keeps tokenized parts (None: memory only)
     _packed: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # (part, seq_len) -> rows
 
     @property
@@ -64,15 +72,37 @@ class Corpus:
 
     def packed(self, part: str, seq_len: int) -> dict[str, PackedRows]:
         """Each domain's `part` examples as [bos] doc [eos] streams cut into rows of seq_len + 1
-        tokens (inputs are the first seq_len, targets the last seq_len). Tokenized once per process
-        (pretraining, SFT, the method and evaluation share the result; treat it as read-only)."""
+        tokens (inputs are the first seq_len, targets the last seq_len). Pretraining, SFT, the method and
+        evaluation share the result (treat it as read-only).
+
+        With a `cache_dir`, the rows are tokenized once into `<cache_dir>/tokenized/<hash>.npz` (the hash of
+        the texts, the tokenizer and seq_len) by process 0, and every process reads that file: on a
+        filesystem all hosts share, the corpus is tokenized once for all of them and for later runs. A
+        process that does not see the file (a cache directory of its own) tokenizes the same rows itself."""
         key = (part, seq_len)
         if key not in self._packed:
-            tok = self.tokenizer
-            self._packed[key] = {d: pack_documents(tok.encode_batch([e.text for e in examples]), seq_len + 1,
-                                                   pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
-                                 for d, examples in getattr(self, part).items()}
+            path = None if self.cache_dir is None else self._packed_path(part, seq_len)
+            if path is not None and multihost.is_primary() and not path.is_file():
+                _save_rows(path, self._pack(part, seq_len))
+            if path is not None and jax.process_count() > 1:
+                multihost.all_agree(True)  # a barrier: process 0 has written the file
+            self._packed[key] = (_load_rows(path) if path is not None and path.is_file()
+                                 else self._pack(part, seq_len))
         return self._packed[key]
+
+    def _pack(self, part: str, seq_len: int) -> dict[str, PackedRows]:
+        tok = self.tokenizer
+        return {d: pack_documents(tok.encode_batch([e.text for e in examples]), seq_len + 1,
+                                  pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+                for d, examples in getattr(self, part).items()}
+
+    def _packed_path(self, part: str, seq_len: int) -> Path:
+        h = hashlib.sha256(self.tokenizer.tok.to_str().encode())
+        h.update(json.dumps([PACKED_VERSION, seq_len, self.tokenizer.pad_id, self.tokenizer.bos_id,
+                             self.tokenizer.eos_id]).encode())
+        for d, examples in sorted(getattr(self, part).items()):
+            h.update(d.encode() + b"\0" + "\0".join(e.text for e in examples).encode() + b"\1")
+        return Path(self.cache_dir) / "tokenized" / f"{h.hexdigest()[:24]}.npz"
 
     def summary(self) -> str:
         def dropped(d):
@@ -83,6 +113,26 @@ class Corpus:
                     f"{n['prompt_overlap']} starting with an eval prompt)")
         return "; ".join(f"{d}: {len(self.train[d])} train / {len(self.valid[d])} valid / "
                          f"{len(self.prompts[d])} prompts{dropped(d)}" for d in self.domains)
+
+
+PACKED_VERSION = 1
+_ROW_FIELDS = ("tokens", "loss_mask", "segment_ids", "positions")
+
+
+def _save_rows(path: Path, rows: dict[str, PackedRows]) -> None:
+    """Atomically (temp file + rename): a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{i}.{f}": getattr(r, f) for i, (_, r) in enumerate(sorted(rows.items())) for f in _ROW_FIELDS}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, domains=np.array(sorted(rows)), **arrays)
+    os.replace(tmp, path)
+
+
+def _load_rows(path: Path) -> dict[str, PackedRows]:
+    with np.load(path, allow_pickle=False) as z:
+        names = [str(d) for d in z["domains"]]
+        return {d: PackedRows(*(z[f"{i}.{f}"] for f in _ROW_FIELDS)) for i, d in enumerate(names)}
 
 
 def load_examples(data: ml_collections.ConfigDict) -> list[Example]:
@@ -169,4 +219,4 @@ def build_corpus(data: ml_collections.ConfigDict, *, seed: int) -> Corpus:
                              "lower config.data.num_prompts / valid_fraction")
     all_train = [e for d in sorted(train) for e in train[d]]
     check_disjoint(all_train, valid=[e for d in sorted(valid) for e in valid[d]], prompts=all_prompts)
-    return Corpus(_tokenizer(data), train, valid, prompts, dropped)
+    return Corpus(_tokenizer(data), train, valid, prompts, dropped, str(data.cache_dir or default_cache_dir()))
