@@ -29,30 +29,19 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from regft_jax import models, preemption, sharding
+from regft_jax import models, preemption
 from regft_jax.checkpoint import RunCheckpointer
 from regft_jax.data.batching import MixtureBatcher
-from regft_jax.data.pipeline import build_corpus
 from regft_jax.errors import UserInputError
 from regft_jax.train import throughput
 from regft_jax.train.base_model import train_lm
 from regft_jax.train.steps import sft_loss
 from regft_jax.train.throughput import Throughput
-from tests.test_pipeline import REPO, _data_config, _fixture, detox_argv
+from tests.test_pipeline import REPO, _fixture, detox_argv
 from tests.test_multihost import _port
+from tests.test_schedules import CFG, setup  # noqa: F401 - the module fixture (corpus, mesh, base params)
 
-CFG = models.ModelConfig(family="llama", vocab_size=300, hidden_size=32, num_layers=2, num_heads=2,
-                         num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64)
 OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "warmup_steps": 2})
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("corpus")
-    tok = _fixture(tmp)
-    corpus = build_corpus(_data_config(tmp, tok), seed=0)
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:2])
-    return tmp, tok, corpus, mesh, models.init_params(CFG, jax.random.key(0))
 
 
 def _batcher(corpus):
@@ -105,7 +94,7 @@ def test_peak_flops_from_the_device_kind_or_the_config(setup):
 def sft_reference(setup):
     """An uninterrupted 6-step SFT run, logging throughput every 2 steps (peak: 2 GFLOP/s):
     (params, history, per-step logged metrics, printed output)."""
-    _, _, corpus, mesh, base = setup
+    _, _, corpus, mesh, base, _ = setup
     meter = Throughput("sft", tokens_per_step=8 * 32, flops_per_token=throughput.train_flops_per_token(CFG, 32),
                        peak_flops=2e9, every=2, total_steps=6)
     logged, out = {}, io.StringIO()
@@ -138,7 +127,7 @@ def _assert_bitwise(a, b):
 
 
 def test_sigint_during_sft_checkpoints_at_the_next_step_and_resumes_bitwise(setup, sft_reference, tmp_path):
-    _, _, corpus, mesh, base = setup
+    _, _, corpus, mesh, base, _ = setup
     ref, ref_history = sft_reference[:2]
 
     def interrupt(step, metrics):  # a real SIGINT to this process once step 3's metrics are in
