@@ -128,7 +128,7 @@ def base_model(config, mesh, corpus: Corpus):
     seconds = time.time() - start
     print(summarize(history, ["loss", "grad_norm"]))
     info = {"steps": config.base.steps, "seconds": seconds, "final_loss": history[-1]["loss"],
-            "tokens_per_s": history[-1].get("tokens_per_s"), "config": dataclasses.asdict(cfg)}
+            "tokens_per_s": history[-1].get("run_tokens_per_s"), "config": dataclasses.asdict(cfg)}
     # every process writes its shards to the same directory (named by process 0's pid), process 0 renames it
     pid = int(multihost.gather_shares(np.array([os.getpid()]), jax.process_count())[0])
     tmp = cache.with_name(cache.name + f".tmp{pid}")

@@ -111,7 +111,8 @@ def run_steps(step_fn: Callable, state, batches: Callable[[int], dict], *, steps
     elapsed = time.perf_counter() - first_done if first_done else float("nan")
     if len(history) > 1 and "tokens" in history[0]:
         tokens = sum(h["tokens"] for h in history[1:])
-        history[-1].setdefault("tokens_per_s", tokens / max(elapsed, 1e-9))  # (unless `meter` measured it)
+        history[-1]["run_tokens_per_s"] = tokens / max(elapsed, 1e-9)  # the whole run's (after compilation)
+        history[-1].setdefault("tokens_per_s", history[-1]["run_tokens_per_s"])  # (unless `meter` measured it)
     return state, history
 
 
