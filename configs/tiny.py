@@ -11,6 +11,9 @@ from regft_jax.config_utils import arch_config
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "detox"  # detox (base vs SFT vs ours) | base (base model + evaluation) | smoke
+    # detox: the models trained and evaluated, in this order (regft_jax/train/methods.py), or "all": base, sft,
+    # filtering, rl, dpo, nado_decoding, ours, ours_noadaptive (one λ everywhere), ours_sequential
+    c.methods = "base,sft,ours"
     c.seed = 0
     c.workdir = "runs/tiny"
     # Multi-process runs (the same command on every host): distributed=True auto-detects the cluster (TPU pod,
@@ -83,6 +86,27 @@ def get_config() -> ml_collections.ConfigDict:
         # Checkpoints of both models + schedule state every N LLM steps (0: none) under
         # <workdir>/checkpoints/{sft,ours}; a run started again in the same workdir resumes from the latest.
         "checkpoint_every": 60, "resume": True})
+
+    # filtering: SFT on the corpus without the training examples the training oracle scores above `threshold`.
+    c.filtering = ml_collections.ConfigDict({"threshold": 0.5})
+
+    # rl: on-policy RLOO (regft_jax/train/rl.py): every step, k fresh continuations of each of prompts_per_step
+    # training prompts (method.sample_domains) from the current LLM, reward C(x) = 1 − P(violation) of the
+    # training oracle, leave-one-out baseline, plus kl_coef × Σ_t KL(p_θ ‖ p_base) per sequence (exact over the
+    # vocabulary at the sampled prefixes) and lm_coef × the corpus LM loss. Optimizer, mixture, steps
+    # (iterations × llm_steps) and sampling settings: config.method's.
+    c.rl = ml_collections.ConfigDict({
+        "k": 4, "prompts_per_step": 2,  # k × prompts_per_step samples per step
+        # tiny default, 240 steps, one run each (noisy): mean reward of the first/last tenth 0.87/0.87 (kl_coef 0.05),
+        # 0.89/0.91 (0.02), 0.87/0.89 (0.01), 0.87/0.93 (0), 0.88/1.00 (0 and lm_coef 0: reward hacking, KL 105)
+        "kl_coef": 0.02, "lm_coef": 1.0,
+        "chunks": 2})  # sampler calls per step: the oracle labels chunk j while chunk j + 1 generates
+    # dpo (beyond the paper): a pair set per iteration from the current LLM (prompts_per_iteration × k samples;
+    # chosen = a prompt's highest-scored continuation, rejected = its lowest; ties give no pair), pairs_per_step
+    # pairs per step, DPO loss with temperature beta against the base model, plus lm_coef × the corpus LM loss.
+    c.dpo = ml_collections.ConfigDict({
+        "k": 4, "prompts_per_iteration": 64, "pairs_per_step": 8, "beta": 0.1, "lm_coef": 1.0,
+        "chunks": 1})  # sampler calls per iteration
 
     # The training oracle: labels the method's samples (any name of regft_jax.oracles.available_oracles(),
     # keyword arguments in oracle_args, e.g.

@@ -208,3 +208,58 @@ def regularized_lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array, 
             metrics[f"omega_{k}"] = (rk * omega).sum() / jnp.maximum(rk.sum(), 1.0)
     metrics["reg_loss"] = reg
     return lm + reg, metrics
+
+
+# ------------------------------------------------------- policy-gradient and preference baselines (RL, DPO)
+
+
+def rloo_advantages(rewards: jax.Array) -> jax.Array:
+    """REINFORCE leave-one-out advantages of k samples per prompt, rewards [P, k] → [P, k]:
+
+        A_i = r_i − (1 / (n − 1)) Σ_{j ≠ i} r_j      (n = the prompt's known rewards)
+
+    so the advantages of each prompt sum to 0. NaN = unknown (an oracle failure): that sample gets
+    A = 0 and is left out of the others' baselines; a prompt with fewer than 2 known rewards gets 0.
+    A stop-gradient constant."""
+    rewards = jax.lax.stop_gradient(rewards).astype(jnp.float32)
+    valid = jnp.isfinite(rewards)
+    r = jnp.where(valid, rewards, 0.0)
+    n = valid.sum(-1, keepdims=True)
+    others = (r.sum(-1, keepdims=True) - r) / jnp.maximum(n - 1, 1)
+    return jnp.where(valid & (n >= 2), r - others, 0.0)
+
+
+def policy_gradient_loss(seq_log_prob: jax.Array, advantages: jax.Array) -> jax.Array:
+    """The REINFORCE surrogate  L = −(1/n) Σ_i A_i log p_θ(y_i)  over n sampled sequences [n]; its gradient
+    is the policy-gradient estimate −(1/n) Σ_i A_i ∇ log p_θ(y_i) (the advantages are constants)."""
+    a = jax.lax.stop_gradient(advantages).astype(jnp.float32)
+    return -(a * seq_log_prob.astype(jnp.float32)).mean()
+
+
+def policy_kl(logits: jax.Array, ref_logits: jax.Array) -> jax.Array:
+    """KL(p_θ ‖ p_ref) = Σ_v p_θ(v) [log p_θ(v) − log p_ref(v)] per position [b, s], exact over the
+    vocabulary, with p_ref = softmax(ref_logits) fixed (stop-gradient) and the gradient through p_θ =
+    softmax(logits) (the first argument, unlike `token_kl`): ∂KL/∂logits_u = p_θ(u) [log p_θ(u) −
+    log p_ref(u) − KL]. Finite logits."""
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    log_ref = jax.nn.log_softmax(jax.lax.stop_gradient(ref_logits).astype(jnp.float32), axis=-1)
+    return (jnp.exp(log_p) * (log_p - log_ref)).sum(-1)
+
+
+def dpo_loss(policy_chosen_logp: jax.Array, policy_rejected_logp: jax.Array, ref_chosen_logp: jax.Array,
+             ref_rejected_logp: jax.Array, beta: float, weights: jax.Array | None = None) -> jax.Array:
+    """Direct preference optimization over pairs [n] (sequence log-probs of the chosen and rejected
+    continuations under the policy and the reference):
+
+        L = mean −log σ(β [(π_c − ref_c) − (π_r − ref_r)])
+
+    (−log σ(x) = softplus(−x), stable). weights [n] (optional, e.g. 0 = no pair): Σ w ℓ / Σ w (0 when
+    Σ w = 0). The reference log-probs are constants."""
+    ref_margin = jax.lax.stop_gradient(ref_chosen_logp - ref_rejected_logp).astype(jnp.float32)
+    margin = beta * ((policy_chosen_logp - policy_rejected_logp).astype(jnp.float32) - ref_margin)
+    losses = jax.nn.softplus(-margin)
+    if weights is None:
+        return losses.mean()
+    w = weights.astype(jnp.float32)
+    total = w.sum()
+    return jnp.where(total > 0, (w * losses).sum() / jnp.where(total > 0, total, 1.0), 0.0)

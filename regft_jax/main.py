@@ -1,9 +1,10 @@
 """Entry point: `python -m regft_jax.main --config=configs/tiny.py [--config.key=value ...]`.
 
 Stages (config.stage):
-  detox   corpus → base model → the SFT baseline (LM loss on the same mixture) and ours (the
-          method, config.method) from the same base → evaluation of all three. Writes
-          results.json, generations.jsonl and metrics_*.jsonl.
+  detox   corpus → base model → every method of config.methods (default "base,sft,ours": the SFT
+          baseline, LM loss on the same mixture, and ours, the method of config.method; also filtering,
+          rl, dpo, nado_decoding, ours_noadaptive, ours_sequential: regft_jax/train/methods.py) from the
+          same base → evaluation of each. Writes results.json, generations.jsonl and metrics_*.jsonl.
   base    corpus (the embedded offline one by default) → base model (pretrained here and cached
           when model.source="random", else loaded) → held-out perplexity per domain and the eval
           oracles' toxicity of continuations of held-out prompts per domain. Writes results.json
@@ -19,11 +20,12 @@ results.json (base and detox):
   {"<model>": {"toxicity": {"<oracle>": rate on the toxic domain's prompts, ...},
                "toxicity_<oracle>_<domain>": fraction of continuations flagged (score > eval.threshold),
                "scored_<oracle>_<domain>": continuations the oracle scored,
-               "ppl_<domain>": held-out perplexity, "train_seconds": (sft, ours)},
+               "ppl_<domain>": held-out perplexity (nado_decoding: under q = p_base · R),
+              "train_seconds": (trained methods), method-specific numbers (filtering: "dropped_<domain>", ...)},
    ...,
    "judges": {"training_oracle": name, "eval_oracles": [names], "domain", "threshold",
               "<oracle>": {"role", "auc", "auc_valid", "n", "n_positive", "tpr", "fpr", ...}}}
-  (model names: "base" | "sft" | "ours"). generations.jsonl: one record per model and prompt with
+  (model names: those of config.methods). generations.jsonl: one record per model and prompt with
   "scores": {"<oracle>": P(violation) or null}.
 
 Exit status: 0 done; 2 a bad config value (one line naming it); 75 (`preemption.EXIT_CODE`) stopped by
@@ -69,9 +71,9 @@ def _validate(config) -> None:
         require(config, key, config[key.split(".")[0]].batch_size % dp == 0,
                 f"a multiple of the data-parallel size {dp} (config.mesh={dict(mesh.shape)}: data × fsdp)")
     if config.stage == "detox":
-        from regft_jax.train.schedules import check_method_config
+        from regft_jax.train.methods import check_methods_config
 
-        check_method_config(config, mesh)  # batch sizes vs data-parallel size
+        check_methods_config(config, mesh)  # each selected method's keys; batch sizes vs data-parallel size
 
 
 def run_smoke(config, workdir: str) -> dict:
@@ -168,12 +170,13 @@ def _evaluate(config, models: dict, mesh, corpus, cfg, judges: dict, timings: di
     toxic = config.data.toxic_domain
     start = time.time()
     results, records = {}, []
-    for name, params in models.items():
-        metrics, recs = evaluate_model(name, cfg, params, corpus, judges, config.eval, seq_len=config.data.seq_len,
-                                       mesh=mesh, seed=config.seed,
+    for name, trained in models.items():
+        metrics, recs = evaluate_model(name, cfg, trained.params, corpus, judges, config.eval,
+                                       seq_len=config.data.seq_len, mesh=mesh, seed=config.seed,
+                                       guidance=trained.guidance, guidance_params=trained.guidance_params,
                                        document_attention=config.data.document_attention)
         results[name] = {"toxicity": {o: metrics.get(f"toxicity_{o}_{toxic}") for o in judges}, **metrics,
-                         **({"train_seconds": timings[name]} if name in timings else {})}
+                         **({"train_seconds": timings[name]} if name in timings else {}), **trained.info}
         records += recs
     keys = [f"toxicity_{o}_{toxic}" for o in judges]
     keys += sorted({k for m in results.values() for k in m if k.startswith("ppl_")})
@@ -194,38 +197,53 @@ def run_base(config, workdir: str) -> dict:
 
     mesh, corpus, cfg, params = _prepare(config)
     _, judges, report = _oracles(config, corpus, training=False)
-    results, records = _evaluate(config, {"base": params}, mesh, corpus, cfg, judges, {})
+    from regft_jax.train.baselines import Trained
+
+    results, records = _evaluate(config, {"base": Trained(params)}, mesh, corpus, cfg, judges, {})
     results["judges"] = report
     if jax.process_index() == 0:
         _write_jsonl(os.path.join(workdir, "generations.jsonl"), records)
     return results
 
 
+SUMMARY_KEYS = ("llm/lm_loss", "llm/reg_loss", "aux/aux_loss", "aux/mean_R", "lm_loss", "reward", "kl", "dpo_loss")
+
+
+def _method_details(config, name: str) -> str:
+    from regft_jax.train.methods import OURS_VARIANTS, ours_config
+
+    if name not in OURS_VARIANTS:
+        return ""
+    m = ours_config(config, name).method
+    return (f" ({m.schedule}, {'adaptive' if m.adaptive else 'one regularizer'}, p_ref={m.p_ref}, "
+            f"labels from the {m.oracle} oracle)")
+
+
 def run_detox(config, workdir: str) -> dict:
     import jax
 
-    from regft_jax.train.baselines import sft_baseline
     from regft_jax.train.loop import summarize
-    from regft_jax.train.schedules import run_method
+    from regft_jax.train.methods import NEEDS_ORACLE, SAMPLING, selected_methods, train_method
 
+    names = selected_methods(config)
     mesh, corpus, cfg, base = _prepare(config)
-    oracle, judges, report = _oracles(config, corpus, training=True)
+    oracle, judges, report = _oracles(config, corpus, training=any(n in NEEDS_ORACLE for n in names))
     m = config.method
     steps = m.iterations * m.llm_steps
-    models, timings = {"base": base}, {}
-
-    start = time.time()
-    models["sft"], _ = sft_baseline(config, mesh, corpus, cfg, base, workdir=workdir)
-    timings["sft"] = time.time() - start
-    print(f"sft: {steps} steps in {timings['sft']:.0f}s")
-
-    start = time.time()
-    models["ours"], _, _, history = run_method(config, mesh, corpus, cfg, base, oracle, workdir=workdir)
-    timings["ours"] = time.time() - start
-    print(f"ours ({m.schedule}, {'adaptive' if m.adaptive else 'one regularizer'}, p_ref={m.p_ref}, "
-          f"labels from the {m.oracle} oracle): {steps} LLM steps in {timings['ours']:.0f}s "
-          f"(sampling and labeling included)")
-    print(summarize(history, ["llm/lm_loss", "llm/reg_loss", "aux/aux_loss", "aux/mean_R"]))
+    models, timings = {}, {}
+    for name in names:
+        start = time.time()
+        models[name] = train_method(name, config, mesh, corpus, cfg, base, oracle, workdir=workdir)
+        if name == "base":
+            continue
+        timings[name] = time.time() - start
+        what = "no LLM update" if name == "nado_decoding" else f"{steps} LLM steps"
+        print(f"{name}{_method_details(config, name)}: {what} in {timings[name]:.0f}s"
+              + (" (sampling and labeling included)" if name in SAMPLING else "")
+              + "".join(f", {k} {v:.4g}" for k, v in models[name].info.items()), flush=True)
+        keys = [k for k in SUMMARY_KEYS if models[name].history and k in models[name].history[-1]]
+        if name not in ("sft", "filtering") and keys:
+            print(summarize(models[name].history, keys))
 
     results, records = _evaluate(config, models, mesh, corpus, cfg, judges, timings)
     results["judges"] = report

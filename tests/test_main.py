@@ -35,6 +35,8 @@ def test_smoke_stage_trains_and_writes_results(tmp_path):
     ("base", "--config.eval.oracle=regex", "config.eval.oracle was removed: use config.method.oracle"),
     ("base", "--config.eval.oracles=profanity,nope", "config.eval.oracles='profanity,nope': unknown oracle(s)"),
     ("detox", "--config.method.oracle=nope", "config.method.oracle='nope'"),
+    ("detox", "--config.methods=base,sft,best", "config.methods='base,sft,best': expected 'all' or a comma-separated"),
+    ("detox", "--config.filtering.threshold=1.5", "config.filtering.threshold=1.5: expected in [0, 1)"),
 ])
 def test_bad_config_value_is_one_clear_line(tmp_path, stage, override, needle):
     out = _main(f"--config.stage={stage}", override, f"--workdir={tmp_path}", timeout=120)

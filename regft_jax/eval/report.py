@@ -24,15 +24,18 @@ def evaluate_model(name: str, cfg, params, corpus: Corpus, oracles, ev, *, seq_l
     ({"ppl_<domain>": held-out perplexity, "toxicity_<oracle>_<domain>": fraction of continuations
     the oracle flags (score > ev.threshold) among those it scored, "scored_<oracle>_<domain>": how
     many it scored}, records). Perplexity scores each packed document on its own unless
-    `document_attention` is False (`config.data.document_attention`). An oracle that scored fewer than `ev.min_scored_fraction` of a
-    domain's continuations raises EvalError (no silent fallback to the texts that did score).
+    `document_attention` is False (`config.data.document_attention`). With a `guidance` (nado_decoding's
+    `AuxGuidance`), continuations are drawn from q = p · R and perplexity is q's too. An oracle that
+    scored fewer than `ev.min_scored_fraction` of a domain's continuations raises EvalError (no silent
+    fallback to the texts that did score).
     """
     named = dict(oracles) if isinstance(oracles, Mapping) else {oracles.name: oracles}
     min_fraction = float(ev.get("min_scored_fraction", 0.9))
     metrics, records = {}, []
     for domain, rows in corpus.packed("valid", seq_len).items():
         metrics[f"ppl_{domain}"] = perplexity(cfg, params, rows, batch_size=ev.batch_size, mesh=mesh,
-                                               document_attention=document_attention)
+                                               document_attention=document_attention, guidance=guidance,
+                                               guidance_params=guidance_params)
     for domain, prompts in corpus.prompts.items():
         out = toxicity_eval(cfg, params, corpus.tokenizer, prompts, named, max_new_tokens=ev.max_new_tokens,
                             temperature=ev.temperature, top_p=ev.top_p, seed=seed, threshold=ev.threshold,

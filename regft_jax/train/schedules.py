@@ -181,13 +181,17 @@ class Sampler:
                                         use_top_p=method.sample_top_p < 1, eos_id=tok.eos_id, pad_id=tok.pad_id or 0)
         self.seed = seed
 
-    def generate(self, params, iteration: int, step: int):
+    def generate(self, params, iteration: int, step: int, rows: Optional[int] = None, repeats: int = 1):
         """Dispatch generation (asynchronous: returns device arrays at once). The prompts and the
         sampling key are functions of (seed, iteration) only, so resumed runs draw the same.
-        `step`: the LLM step of `params` (the samples' provenance)."""
-        n = self.method.samples_per_iteration
-        chosen = np.random.default_rng((self.seed, iteration)).choice(len(self.prompts), n,
-                                                                      replace=n > len(self.prompts))
+        `step`: the LLM step of `params` (the samples' provenance). `rows` (default
+        `samples_per_iteration`) continuations of rows / `repeats` prompts, each continued `repeats`
+        times in consecutive rows (k samples per prompt, e.g. RLOO; `repeats` must divide `rows`)."""
+        n = self.method.samples_per_iteration if rows is None else rows
+        m = n // repeats
+        chosen = np.repeat(np.random.default_rng((self.seed, iteration)).choice(len(self.prompts), m,
+                                                                                replace=m > len(self.prompts)),
+                           repeats)
         tokens, mask = sampling.pad_prompts([self.prompts[i] for i in chosen], self.prompt_len, n,
                                             self.corpus.tokenizer.pad_id or 0)
         batch = batch_sharding(self.mesh, 2)
@@ -227,6 +231,38 @@ class Sampler:
     def draw(self, params, iteration: int, step: int) -> Samples:
         """Generate and label a whole sample set (waits for both)."""
         return self.label_all(self.collect(self.generate(params, iteration, step)))
+
+
+def bootstrap_samples(sampler: Sampler, base_params) -> tuple[Samples, float]:
+    """Iteration 1's labeled sample set, drawn from the base model θ_0, and its mean label (the auxiliary
+    model's initial R); an oracle that scored none of them raises OracleError."""
+    samples = sampler.draw(base_params, 1, 0)
+    if not np.isfinite(samples.label).any():
+        raise OracleError(f"config.method.oracle={sampler.method.oracle!r}: scored none of the "
+                          f"{samples.label.shape[0]} bootstrap samples (every label failed)")
+    return samples, float(np.nanmean(samples.label))
+
+
+def global_sample_batch(samples: Samples, rows: np.ndarray, mesh, importance_weights: bool) -> dict:
+    """Rows `rows` of a sample set as a global batch over the mesh's data axes, the auxiliary model's
+    training batch ("proposal_logp" included iff `importance_weights`)."""
+    batch = {key: v[rows] for key, v in samples.arrays(importance_weights).items()}
+    return multihost.tree_to_global(batch, tree_batch_shardings(mesh, batch))
+
+
+def aux_optimizer(method):
+    """The auxiliary model's optimizer: AdamW at `method.aux_learning_rate`, gradients clipped at norm 1."""
+    return make_optimizer(method.aux_learning_rate, grad_clip=1.0)
+
+
+def aux_initializer(acfg, optimizer, mesh, method, seed: int):
+    """jit fn(llm_params, mean_label) -> the auxiliary model's initial TrainState on its shardings
+    (`aux_state_shardings`): trunk copied from `llm_params` (`method.aux_init="llm"`) or fresh, head
+    R ≡ mean_label (a static float; `init_aux_params`)."""
+    return jax.jit(lambda llm_params, mean_label: init_train_state(init_aux_params(
+        acfg, jax.random.key(seed + 1), mean_label=mean_label,
+        llm_params=llm_params if method.aux_init == "llm" else None), optimizer),
+        out_shardings=aux_state_shardings(mesh, acfg, optimizer), static_argnums=1)
 
 
 def _copy(tree):
@@ -279,7 +315,7 @@ class RunState:
     """Everything a checkpoint holds: both train states, the frozen parameters, the labeled sample
     set of the current iteration and the position in the schedule."""
 
-    llm: TrainState
+    llm: Optional[TrainState]  # None: nado_decoding (train/nado.py) trains the auxiliary model only
     aux: TrainState
     frozen: Frozen
     samples: Optional[Samples]
@@ -335,7 +371,7 @@ class MethodRun:
         self.num_steps = method.iterations * method.llm_steps
         self.llm_opt = make_optimizer(method.learning_rate, weight_decay=method.weight_decay, grad_clip=1.0,
                                       warmup_steps=method.warmup_steps, total_steps=self.num_steps)
-        self.aux_opt = make_optimizer(method.aux_learning_rate, grad_clip=1.0)
+        self.aux_opt = aux_optimizer(method)
         self.acfg = aux_config(cfg, method.aux_layers)
         self.sampler = Sampler(cfg, corpus, oracle, method, mesh, config.seed, config.data.prompt_words)
         self.batches = global_batches(batcher, mesh, keys=corpus_keys(config.data.document_attention,
@@ -363,10 +399,7 @@ class MethodRun:
         llm_sh = train_state_shardings(mesh, self.cfg, self.llm_opt)
         aux_sh = aux_state_shardings(mesh, self.acfg, self.aux_opt)
         init_llm = jax.jit(functools.partial(init_train_state, optimizer=self.llm_opt), out_shardings=llm_sh)
-        init_aux = jax.jit(lambda llm_params, mean_label: init_train_state(init_aux_params(
-            self.acfg, jax.random.key(self.config.seed + 1), mean_label=mean_label,
-            llm_params=llm_params if method.aux_init == "llm" else None), self.aux_opt), out_shardings=aux_sh,
-            static_argnums=1)
+        init_aux = aux_initializer(self.acfg, self.aux_opt, mesh, method, self.config.seed)
         anchor = base_params if self.spec.needs_anchor else None
         snapshot = self.spec.p_ref == "snapshot"
         like = RunState(llm=abstract_on(jax.eval_shape(init_llm, base_params), llm_sh),
@@ -385,11 +418,7 @@ class MethodRun:
             print(f"{self.desc}: resumed from {self.ckpt.directory} at LLM step {run.step}/{self.num_steps}",
                   flush=True)
             return run
-        samples = self.sampler.draw(base_params, 1, 0)  # iteration 1's samples: from the base model θ_0
-        if not np.isfinite(samples.label).any():
-            raise OracleError(f"config.method.oracle={method.oracle!r}: scored none of the "
-                              f"{samples.label.shape[0]} bootstrap samples (every label failed)")
-        mean_label = float(np.nanmean(samples.label))
+        samples, mean_label = bootstrap_samples(self.sampler, base_params)  # iteration 1's: from θ_0
         return RunState(llm=init_llm(base_params), aux=init_aux(base_params, mean_label),
                         frozen=Frozen(anchor, _copy(base_params) if snapshot else None), samples=samples)
 
@@ -459,8 +488,7 @@ class MethodRun:
         rows = samples.rows(k, self.method.sample_batch_size)
         if labels is not None:
             self.wait(labels.wait_rows, rows)
-        batch = {key: v[rows] for key, v in samples.arrays(self.method.importance_weights).items()}
-        return multihost.tree_to_global(batch, tree_batch_shardings(self.mesh, batch))
+        return global_sample_batch(samples, rows, self.mesh, self.method.importance_weights)
 
     def new_samples(self, iteration: int, background: bool) -> Optional[PendingLabels]:
         """The sample set of `iteration`, drawn from the current θ = θ_{iteration−1}, becomes the
