@@ -76,8 +76,8 @@ def _run_ours(name: str) -> Callable:
     def run(config, mesh, corpus, cfg, base_params, oracle, *, workdir=None, desc=name):
         from regft_jax.train.schedules import run_method
 
-        params, aux_params, _, history = run_method(ours_config(config, name), mesh, corpus, cfg, base_params, oracle,
-                                                    workdir=workdir, desc=desc)
+        params, _, _, history = run_method(ours_config(config, name), mesh, corpus, cfg, base_params, oracle,
+                                           workdir=workdir, desc=desc)
         return Trained(params, history)
     return run
 

@@ -72,9 +72,9 @@ from regft_jax.precision import check_update_precision
 from regft_jax.sharding import abstract_on, tree_batch_shardings
 from regft_jax.train.aux import sample_window
 from regft_jax.train.baselines import Trained
-from regft_jax.train.loop import NonFiniteLossError, corpus_keys, global_batches
+from regft_jax.train.loop import corpus_keys, global_batches
 from regft_jax.train.schedules import (MetricsWriter, PendingLabels, Sampler, Samples, check_method_config,
-                                       run_fingerprint)
+                                       run_fingerprint, step_boundary)
 from regft_jax.train.steps import (accumulated_value_and_grad, guarded_update, init_train_state, make_optimizer,
                                    sft_loss, target_count, train_state_shardings)
 from regft_jax.train.throughput import Throughput
@@ -435,30 +435,12 @@ class PolicyRun:
     def stopped(self) -> bool:
         return self.stop_after is not None and self.step >= self.stop_after
 
-    def record(self, pending: list) -> None:
-        """Fetch the metrics of the steps since the last call and log them."""
-        pending = jax.device_get(pending)
-        throughput = self.meter.measure(self.step)
-        for m, extra in pending:
-            self.history.append({**{k: float(np.asarray(v)) for k, v in m.items()}, **extra, **throughput})
-            self.writer.write(len(self.history), self.history[-1])
-        if self.meter.due(len(self.history)) and multihost.is_primary():
-            print(self.meter.line(len(self.history), self.history[-1]), flush=True)
-        loss = self.history[-1].get("loss")
-        if loss is not None and not np.isfinite(loss):
-            raise NonFiniteLossError(f"{self.desc}: non-finite loss at step {len(self.history)}")
-
     def log_and_checkpoint(self, pending: list) -> None:
         """At every step boundary: log every `log_every` steps; checkpoint every `checkpoint_every` steps, at
         the end and on preemption (with the draw's sample set, all labels waited for, when mid-draw); then a
         preemption raises `preemption.Preempted`."""
-        stop = preemption.requested()
-        checkpoint = stop or self.step % self.every == 0 or self.step == self.num_steps
-        if not (checkpoint or self.meter.due(self.step)):
-            return
-        if pending:
-            self.record(pending)
-            pending.clear()
+        stop, checkpoint = step_boundary(self.step, self.every, self.num_steps, self.meter, pending, self.history,
+                                         self.writer, self.desc, "loss")
         if checkpoint and self.ckpt is not None:
             self.save()
         if stop:

@@ -296,6 +296,37 @@ class MetricsWriter:
             self.tb.close()
 
 
+def record_metrics(step: int, pending: list, history: list, meter: Throughput, writer: MetricsWriter, desc: str,
+                   loss_key: str) -> None:
+    """Fetch the metrics of the steps since the last call (waits for them; `pending`: (device metrics,
+    host metrics) per step, emptied), append them to `history` with the throughput of those steps and
+    log them; print a throughput line every `log_every` steps; a non-finite `loss_key` raises."""
+    fetched = jax.device_get(pending)
+    pending.clear()
+    throughput = meter.measure(step)  # tokens/s and MFU of the steps since the last call
+    for m, extra in fetched:
+        history.append({**{k: float(np.asarray(v)) for k, v in m.items()}, **extra, **throughput})
+        writer.write(len(history), history[-1])
+    if meter.due(len(history)) and multihost.is_primary():
+        print(meter.line(len(history), history[-1], loss_key), flush=True)
+    loss = history[-1].get(loss_key)
+    if loss is not None and not np.isfinite(loss):
+        raise NonFiniteLossError(f"{desc}: non-finite {loss_key} at step {len(history)}")
+
+
+def step_boundary(step: int, every: int, num_steps: int, meter: Throughput, pending: list, history: list,
+                  writer: MetricsWriter, desc: str, loss_key: str) -> tuple[bool, bool]:
+    """At a step boundary of a driver: (preemption requested, checkpoint now). The metrics are recorded
+    (`record_metrics`) every `log_every` steps and whenever a checkpoint is due: every `every` steps, at
+    the end (`num_steps`) and on preemption (SIGTERM/SIGINT). The caller checkpoints, then raises
+    `preemption.Preempted` if requested."""
+    stop = preemption.requested()
+    checkpoint = stop or step % every == 0 or step == num_steps
+    if (checkpoint or meter.due(step)) and pending:
+        record_metrics(step, pending, history, meter, writer, desc, loss_key)
+    return stop, checkpoint
+
+
 RESUME_NEUTRAL = ("resume", "checkpoint_every")  # method keys that may change between a run and its resume
 
 
@@ -439,34 +470,14 @@ class MethodRun:
 
     # -- logging and checkpoints
 
-    def record(self, pending: list) -> None:
-        """Fetch the metrics of the steps since the last call (waits for them) and log them;
-        `pending`: (device metrics, host metrics) per step."""
-        pending = jax.device_get(pending)
-        throughput = self.meter.measure(self.run.step)  # tokens/s and MFU of the steps since the last call
-        history = self.run.history
-        for m, extra in pending:
-            history.append({**{k: float(np.asarray(v)) for k, v in m.items()}, **extra, **throughput})
-            self.writer.write(len(history), history[-1])
-        if self.meter.due(len(history)) and multihost.is_primary():
-            print(self.meter.line(len(history), history[-1], "llm/loss"), flush=True)
-        loss = history[-1].get("llm/loss")
-        if loss is not None and not np.isfinite(loss):
-            raise NonFiniteLossError(f"{self.desc}: non-finite LLM loss at step {len(history)}")
-
     def log_and_checkpoint(self, pending: list, labels: Optional[PendingLabels] = None) -> None:
         """At every step boundary. Every `log_every` steps: log; every `checkpoint_every` LLM steps, at
         the end and on preemption (SIGTERM/SIGINT): log and checkpoint (the sample set's labels still
         being computed by `labels` are waited for: the checkpoint holds them all); then a preemption
         raises `preemption.Preempted`."""
         run = self.run
-        stop = preemption.requested()
-        checkpoint = stop or run.step % self.every == 0 or run.step == self.num_steps
-        if not (checkpoint or self.meter.due(run.step)):
-            return
-        if pending:
-            self.record(pending)
-            pending.clear()
+        stop, checkpoint = step_boundary(run.step, self.every, self.num_steps, self.meter, pending, run.history,
+                                         self.writer, self.desc, "llm/loss")
         if checkpoint and self.ckpt is not None:
             if labels is not None:
                 self.wait(labels.complete)
