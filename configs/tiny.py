@@ -108,6 +108,12 @@ def get_config() -> ml_collections.ConfigDict:
         "k": 4, "prompts_per_iteration": 64, "pairs_per_step": 8, "beta": 0.1, "lm_coef": 1.0,
         "chunks": 1})  # sampler calls per iteration
 
+    # LoRA (beyond the paper; regft_jax/models/lora.py): rank > 0 → every method that updates the LLM (sft,
+    # filtering, rl, dpo, ours*) trains only rank-r factors A, B beside each target projection W (x W + alpha/rank
+    # · x A B; B starts at 0), with the method's optimizer; the factors are merged into W for the evaluation and on
+    # export to HF. targets: "all" (q, k, v, o, gate, up, down; Falcon has no gate) or a comma-separated subset.
+    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "targets": "all"})
+
     # The training oracle: labels the method's samples (any name of regft_jax.oracles.available_oracles(),
     # keyword arguments in oracle_args, e.g.
     # --config.method.oracle=regex "--config.method.oracle_args={'words': ['idiot']}").

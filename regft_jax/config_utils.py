@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import ml_collections
+from typing import TYPE_CHECKING
 
 from regft_jax.models.config import ConfigError, ModelConfig
+
+if TYPE_CHECKING:  # imported where used: modules that only need `require` work without ml_collections
+    import ml_collections
 
 
 def arch_config(**fields) -> ml_collections.ConfigDict:
     """The `model.arch` section: every ModelConfig architecture field (validated now)."""
+    import ml_collections
+
     cfg = ModelConfig(**fields)
     arch = cfg.architecture
     arch.pop("rope_scaling")  # random-init models use plain RoPE

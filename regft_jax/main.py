@@ -35,6 +35,7 @@ again to resume.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -222,6 +223,7 @@ def _method_details(config, name: str) -> str:
 def run_detox(config, workdir: str) -> dict:
     import jax
 
+    from regft_jax.models import lora
     from regft_jax.train.loop import summarize
     from regft_jax.train.methods import NEEDS_ORACLE, SAMPLING, selected_methods, train_method
 
@@ -230,12 +232,19 @@ def run_detox(config, workdir: str) -> dict:
     oracle, judges, report = _oracles(config, corpus, training=any(n in NEEDS_ORACLE for n in names))
     m = config.method
     steps = m.iterations * m.llm_steps
+    # with config.lora.rank > 0 every method trains LoRA factors on the frozen base model; the factors are
+    # merged into the weights for the evaluation (the base model's row is the base model itself)
+    lora_cfg, lora_base = lora.from_config(config, cfg, base, mesh)
+    if lora_cfg.lora_rank:
+        print(lora.describe(lora_cfg, lora_base))
     models, timings = {}, {}
     for name in names:
         start = time.time()
-        models[name] = train_method(name, config, mesh, corpus, cfg, base, oracle, workdir=workdir)
         if name == "base":
+            models[name] = train_method(name, config, mesh, corpus, cfg, base, oracle, workdir=workdir)
             continue
+        trained = train_method(name, config, mesh, corpus, lora_cfg, lora_base, oracle, workdir=workdir)
+        models[name] = dataclasses.replace(trained, params=lora.merge_lora(lora_cfg, trained.params)[1])
         timings[name] = time.time() - start
         what = "no LLM update" if name == "nado_decoding" else f"{steps} LLM steps"
         print(f"{name}{_method_details(config, name)}: {what} in {timings[name]:.0f}s"

@@ -37,6 +37,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "layers": None,
+    "lora": None,  # LoRA rank: small, replicated
 }
 
 
@@ -167,12 +168,14 @@ def opt_state_shardings(optimizer, abstract_params: Any, params_shardings: Any, 
     import optax
 
     abstract_state = jax.eval_shape(optimizer.init, abstract_params)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (a leaf no state is kept for)
     return optax.tree_map_params(
         optimizer,
-        lambda _, s: s,
+        lambda state, s: state if masked(state) else s,
         abstract_state,
         params_shardings,
         transform_non_params=lambda _: replicated(mesh),
+        is_leaf=masked,
     )
 
 

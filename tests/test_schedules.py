@@ -123,14 +123,19 @@ def test_sft_baseline_checkpoints_and_resumes(setup, tmp_path, capsys):
 
 
 def test_detox_stage_end_to_end(tmp_path):
+    """Every method of the registry (config.methods=all) in one invocation of the entry point."""
+    from regft_jax.train.methods import METHODS
+
     tok = _fixture(tmp_path)
-    args = detox_argv(tmp_path, tok, tmp_path / "run")
+    args = detox_argv(tmp_path, tok, tmp_path / "run", methods="all", dpo__prompts_per_iteration=8,
+                      dpo__pairs_per_step=4, rl__k=2)
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     judges = results.pop("judges")
-    assert set(results) == {"base", "sft", "ours"}
+    assert set(results) == set(METHODS)
+    assert all(results[n]["train_seconds"] > 0 for n in METHODS if n != "base")
     for r in results.values():
         assert set(r["toxicity"]) == {"regex", "insult_classifier"} and r["ppl_general"] > 1
         assert all(0 <= v <= 1 for v in r["toxicity"].values()) and r["scored_regex_toxic"] == 10
@@ -140,10 +145,28 @@ def test_detox_stage_end_to_end(tmp_path):
     generations = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert all(set(g["scores"]) == {"regex", "insult_classifier"} for g in generations)
     models_seen = [g["model"] for g in generations]
-    assert models_seen.count("ours") == 15 and set(models_seen) == {"base", "sft", "ours"}
+    assert models_seen.count("ours") == 15 and set(models_seen) == set(METHODS)
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics_ours.jsonl").read_text().splitlines()]
     assert len(history) == 6 and "llm/reg_loss" in history[0]
     assert "ours (parallel" in out.stdout and str(tmp_path / "run") in out.stdout
+
+
+def test_detox_stage_with_lora(tmp_path):
+    """config.lora.rank > 0 through the entry point: the methods train LoRA factors, the evaluation sees the
+    merged weights, and the base model's row is the base model's (its factors are never added)."""
+    tok = _fixture(tmp_path)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    runs = {}
+    for name, extra in (("plain", {}), ("lora", {"lora__rank": 2, "lora__targets": "q,v,down"})):
+        args = detox_argv(tmp_path, tok, tmp_path / name, methods="base,sft", **extra)
+        out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text()), out.stdout
+    (plain, _), (adapted, stdout) = runs["plain"], runs["lora"]
+    assert "LoRA rank 2, alpha 16 on q,v,down:" in stdout and "trainable parameters" in stdout
+    assert adapted["base"]["ppl_general"] == plain["base"]["ppl_general"]
+    assert adapted["sft"]["ppl_general"] != plain["sft"]["ppl_general"]  # another parametrization trained
+    assert adapted["sft"]["ppl_general"] < adapted["base"]["ppl_general"]
 
 
 @pytest.mark.parametrize("schedule", ["parallel", "sequential"])

@@ -31,10 +31,12 @@ from regft_jax.models.core import (abstract_params, hidden_states, hidden_states
 def aux_config(llm_cfg: ModelConfig, num_layers: int, **overrides) -> ModelConfig:
     """The trunk's config: the LLM's architecture with `num_layers` layers (other fields may be
     overridden, e.g. init_std or remat). Embeddings are marked tied so the trunk has no LM head of
-    its own (the aux head replaces it)."""
+    its own (the aux head replaces it). The trunk trains all its weights: no LoRA (an LLM with LoRA
+    hands it merged weights, `schedules.aux_initializer`)."""
     if num_layers < 1:
         raise UserInputError(f"aux model: num_layers={num_layers} must be >= 1")
-    return dataclasses.replace(llm_cfg, **{**overrides, "num_layers": num_layers, "tie_embeddings": True})
+    return dataclasses.replace(llm_cfg, **{"lora_rank": 0, "lora_targets": (), **overrides, "num_layers": num_layers,
+                                           "tie_embeddings": True})
 
 
 def _head_axes() -> dict:

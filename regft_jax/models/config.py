@@ -23,6 +23,7 @@ QKV_LAYOUTS = (
     "falcon_interleaved",  # Falcon multi-head (not multi_query): per head [q, k, v]
 )
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the decoder's linear projections
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -72,6 +73,11 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"
     init_std: float = 0.02
+    # LoRA adapters (models/lora.py): rank 0 = none. Factors A [in, r], B [r, out] beside each target
+    # projection, y = x W + (lora_alpha / lora_rank) · (x A) B; only they train (the rest is stop-gradient).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple = ()  # names among LORA_TARGETS that exist in this architecture
 
     def __post_init__(self):
         self.validate()
@@ -105,11 +111,28 @@ class ModelConfig:
                 fail(f"{name}={getattr(self, name)!r}; expected one of {DTYPES}")
         if self.rope_scaling is not None and self.rope_scaling.kind not in ("linear", "llama3"):
             fail(f"rope_scaling.kind={self.rope_scaling.kind!r}; expected 'linear' or 'llama3'")
+        if self.lora_rank < 0:
+            fail(f"lora_rank={self.lora_rank} must be >= 0")
+        if self.lora_rank and not self.lora_targets:
+            fail(f"lora_rank={self.lora_rank} needs lora_targets (names among {self.projections})")
+        bad = [t for t in self.lora_targets if t not in self.projections]
+        if bad:
+            fail(f"lora_targets {bad} are not projections of this {self.family} decoder ({self.projections})")
+
+    @property
+    def projections(self) -> tuple:
+        """The linear projections of a block (possible LoRA targets): Falcon's GELU MLP has no gate."""
+        return tuple(t for t in LORA_TARGETS if t != "gate" or self.activation == "swiglu")
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def architecture(self) -> dict:
         """The fields that define the weights (what a checkpoint must agree on)."""
-        runtime = {"param_dtype", "dtype", "scan_layers", "remat", "init_std"}
+        runtime = {"param_dtype", "dtype", "scan_layers", "remat", "init_std", "lora_rank", "lora_alpha",
+                   "lora_targets"}  # LoRA factors are added on top of a checkpoint's weights
         return {k: v for k, v in self.to_dict().items() if k not in runtime}
 
     def replace(self, **changes) -> "ModelConfig":
@@ -126,6 +149,8 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig: unknown keys {sorted(unknown)}")
         if isinstance(d.get("rope_scaling"), dict):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if "lora_targets" in d:
+            d["lora_targets"] = tuple(d["lora_targets"])  # a JSON list
         return cls(**d)
 
     def num_params(self) -> int:

@@ -30,7 +30,12 @@ def _abstract(cfg: ModelConfig):
 
 
 def module(cfg: ModelConfig, params: Params) -> Decoder:
-    """The NNX decoder bound to `params` (cheap: no arrays are copied)."""
+    """The NNX decoder bound to `params` (cheap: no arrays are copied). With LoRA (cfg.lora_rank > 0)
+    only the LoRA factors carry gradients."""
+    if cfg.lora_rank:
+        from regft_jax.models.lora import stop_base_gradients
+
+        params = stop_base_gradients(params)
     return nnx.merge(_abstract(cfg)[0], params)
 
 

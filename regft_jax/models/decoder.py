@@ -27,8 +27,10 @@ def _dtype(name: str):
     return jnp.dtype(name)
 
 
-def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init: str, stack: int) -> nnx.Param:
-    """A parameter of `shape` (with a leading `stack` axis for stacked layers) and logical axes."""
+def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init: str, stack: int,
+           std: Optional[float] = None) -> nnx.Param:
+    """A parameter of `shape` (with a leading `stack` axis for stacked layers) and logical axes;
+    init "zeros", "ones" or "normal" (standard deviation `std`, default cfg.init_std)."""
     if stack:
         shape, axes = (stack, *shape), ("layers", *axes)
     dtype = _dtype(cfg.param_dtype)
@@ -37,8 +39,31 @@ def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init: str, stack: int)
     elif init == "ones":
         value = jnp.ones(shape, dtype)
     else:
-        value = (cfg.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+        value = ((cfg.init_std if std is None else std) * jax.random.normal(rngs.params(), shape, jnp.float32)
+                 ).astype(dtype)
     return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def _lora_factors(module: nnx.Module, rngs: nnx.Rngs, cfg: ModelConfig, name: str, in_dims, in_axes, out_dims,
+                  out_axes, stack: int) -> None:
+    """LoRA factors of projection `name` when it is a target: `{name}_lora_a` [*in, r] ~ N(0, 1/fan_in)
+    and `{name}_lora_b` [r, *out] = 0, so a fresh adapter leaves the model unchanged."""
+    if not cfg.lora_rank or name not in cfg.lora_targets:
+        return
+    setattr(module, f"{name}_lora_a", _param(rngs, cfg, (*in_dims, cfg.lora_rank), (*in_axes, "lora"), "normal", stack,
+                                             std=1 / math.sqrt(math.prod(in_dims))))
+    setattr(module, f"{name}_lora_b", _param(rngs, cfg, (cfg.lora_rank, *out_dims), ("lora", *out_axes), "zeros",
+                                             stack))
+
+
+def _with_lora(module: nnx.Module, name: str, y: Array, x: Array, down: str, up: str) -> Array:
+    """y + (α / r) · (x A) B for a LoRA target `name` (einsum specs `down`: x, A → [.., r] and
+    `up`: [.., r], B → y's layout); y unchanged otherwise."""
+    if not hasattr(module, f"{name}_lora_a"):
+        return y
+    a = getattr(module, f"{name}_lora_a")[...].astype(x.dtype)
+    b = getattr(module, f"{name}_lora_b")[...].astype(x.dtype)
+    return y + (module.cfg.lora_scale * jnp.einsum(up, jnp.einsum(down, x, a), b)).astype(y.dtype)
 
 
 # ----------------------------------------------------------------------------------- pieces
@@ -105,6 +130,9 @@ class Attention(nnx.Module):
         self.k = _param(rngs, cfg, (d, k, hd), ("embed", "kv_heads", "head_dim"), "normal", stack)
         self.v = _param(rngs, cfg, (d, k, hd), ("embed", "kv_heads", "head_dim"), "normal", stack)
         self.o = _param(rngs, cfg, (h, hd, d), ("q_heads", "head_dim", "embed"), "normal", stack)
+        for name, heads, axis in (("q", h, "q_heads"), ("k", k, "kv_heads"), ("v", k, "kv_heads")):
+            _lora_factors(self, rngs, cfg, name, (d,), ("embed",), (heads, hd), (axis, "head_dim"), stack)
+        _lora_factors(self, rngs, cfg, "o", (h, hd), ("q_heads", "head_dim"), (d,), ("embed",), stack)
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, cfg, (h, hd), ("q_heads", "head_dim"), "zeros", stack)
             self.k_bias = _param(rngs, cfg, (k, hd), ("kv_heads", "head_dim"), "zeros", stack)
@@ -115,6 +143,7 @@ class Attention(nnx.Module):
     def _project(self, x: Array, name: str) -> Array:
         dtype = _dtype(self.cfg.dtype)
         y = jnp.einsum("bsd,dhk->bhsk", x, getattr(self, name)[...].astype(dtype))  # head-major
+        y = _with_lora(self, name, y, x.astype(dtype), "bsd,dr->bsr", "bsr,rhk->bhsk")
         if self.cfg.qkv_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(dtype)[:, None]
         return y
@@ -147,7 +176,9 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgst,bktd->bkgsd", probs, v.astype(q.dtype)).reshape(b, h, s, hd)
-        out = jnp.einsum("bhsk,hkd->bsd", out, self.o[...].astype(q.dtype))
+        out_heads = out
+        out = jnp.einsum("bhsk,hkd->bsd", out_heads, self.o[...].astype(q.dtype))
+        out = _with_lora(self, "o", out, out_heads, "bhsk,hkr->bsr", "bsr,rd->bsd")
         if cfg.out_bias:
             out = out + self.o_bias[...].astype(q.dtype)
         return out, ((k, v) if kv is None else (cache_k, cache_v))
@@ -163,6 +194,9 @@ class MLP(nnx.Module):
             self.gate = _param(rngs, cfg, (d, f), ("embed", "mlp"), "normal", stack)
         self.up = _param(rngs, cfg, (d, f), ("embed", "mlp"), "normal", stack)
         self.down = _param(rngs, cfg, (f, d), ("mlp", "embed"), "normal", stack)
+        for name in ("gate", "up"):
+            _lora_factors(self, rngs, cfg, name, (d,), ("embed",), (f,), ("mlp",), stack)
+        _lora_factors(self, rngs, cfg, "down", (f,), ("mlp",), (d,), ("embed",), stack)
         if cfg.mlp_bias:
             self.up_bias = _param(rngs, cfg, (f,), ("mlp",), "zeros", stack)
             self.down_bias = _param(rngs, cfg, (d,), ("embed",), "zeros", stack)
@@ -170,7 +204,7 @@ class MLP(nnx.Module):
                 self.gate_bias = _param(rngs, cfg, (f,), ("mlp",), "zeros", stack)
 
     def _dense(self, x: Array, name: str) -> Array:
-        y = x @ getattr(self, name)[...].astype(x.dtype)
+        y = _with_lora(self, name, x @ getattr(self, name)[...].astype(x.dtype), x, "...i,ir->...r", "...r,ro->...o")
         return y + getattr(self, f"{name}_bias")[...].astype(x.dtype) if self.cfg.mlp_bias else y
 
     def __call__(self, x: Array) -> Array:

@@ -380,8 +380,13 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir: str, *, dtype: Optional[str
     """Write `params` as an HF checkpoint (config.json + safetensors) that transformers loads.
 
     Tensors are produced one at a time and flushed to a new `.safetensors` shard whenever
-    `max_shard_bytes` is reached. Returns the written weight files.
+    `max_shard_bytes` is reached. LoRA factors are merged into their weights first (`lora.merge_lora`).
+    Returns the written weight files.
     """
+    if cfg.lora_rank:
+        from regft_jax.models.lora import merge_lora
+
+        cfg, params = merge_lora(cfg, params)
     os.makedirs(out_dir, exist_ok=True)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if (dtype or cfg.param_dtype) == "bfloat16" else np.dtype(
         dtype or cfg.param_dtype)

@@ -50,7 +50,7 @@ def train_lm(cfg, params, mesh, batcher: MixtureBatcher, optim, *, steps: int, d
     throughput lines and per-step metrics (`run_steps`); log also receives a resumed run's history.
     SIGTERM/SIGINT: checkpointed (with `ckpt`) at the next step boundary, then `preemption.Preempted`."""
     optimizer = make_optimizer(optim.learning_rate, weight_decay=optim.weight_decay, grad_clip=optim.grad_clip,
-                               warmup_steps=optim.warmup_steps, total_steps=steps)
+                               warmup_steps=optim.warmup_steps, total_steps=steps, only_lora=cfg.lora_rank > 0)
     state_sh = train_state_shardings(mesh, cfg, optimizer)
     init = jax.jit(functools.partial(init_train_state, optimizer=optimizer), out_shardings=state_sh)
     batches = global_batches(batcher, mesh, keys=corpus_keys(document_attention))

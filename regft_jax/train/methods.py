@@ -20,6 +20,9 @@ Each trains in its own `<workdir>/checkpoints/<name>/` and resumes from there.
   ours             the method (`config.method`; `schedules.run_method`)
   ours_noadaptive  ours with one regularizer, Ω_tox with λ_toxic on every domain (method.adaptive=False)
   ours_sequential  ours with the sequential schedule (method.schedule="sequential")
+
+With `config.lora.rank` > 0 every method that updates the LLM trains LoRA factors only (`models/lora.py`);
+main.py merges them into the weights before the evaluation.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import copy
 from typing import Callable
 
 from regft_jax.config_utils import require
+from regft_jax.models.config import LORA_TARGETS
 from regft_jax.train.baselines import Trained, run_filtering, sft_baseline
 
 # variant name -> the config.method values it overrides
@@ -58,6 +62,13 @@ def check_methods_config(config, mesh) -> None:
         if name in OURS_VARIANTS:
             check_method_config(ours_config(config, name), mesh)
     require(config, "filtering.threshold", 0.0 <= config.filtering.threshold < 1.0, "in [0, 1)")
+    lora = config.get("lora")
+    if lora is not None:
+        require(config, "lora.rank", isinstance(lora.rank, int) and lora.rank >= 0, "an integer >= 0 (0 = no LoRA)")
+        require(config, "lora.alpha", lora.alpha > 0, "a positive number (the factors' scale is alpha / rank)")
+        targets = [t.strip() for t in str(lora.targets).split(",") if t.strip()]
+        require(config, "lora.targets", targets == ["all"] or (targets and set(targets) <= set(LORA_TARGETS)),
+                f"'all' or a comma-separated list among {', '.join(LORA_TARGETS)}")
     if "rl" in names or "dpo" in names:
         from regft_jax.train.rl import check_rl_config
 

@@ -108,7 +108,7 @@ def run_nado_decoding(config, mesh, corpus: Corpus, cfg: ModelConfig, base_param
     acfg, optimizer = aux_config(cfg, m.aux_layers), aux_optimizer(m)
     sampler = Sampler(cfg, corpus, oracle, m, mesh, config.seed, config.data.prompt_words)
     num_steps = m.iterations * m.llm_steps
-    init_aux = aux_initializer(acfg, optimizer, mesh, m, config.seed)
+    init_aux = aux_initializer(acfg, optimizer, mesh, m, config.seed, cfg)
     like = abstract_on(jax.eval_shape(init_aux, base_params, 0.5), aux_state_shardings(mesh, acfg, optimizer))
     length = sampler.prompt_len + m.sample_tokens
     example = global_sample_batch(Samples.empty(m.sample_batch_size, length, 0), np.arange(m.sample_batch_size),

@@ -274,7 +274,8 @@ class PolicyRun:
                                  seed=config.seed + 7)
         self.batches = global_batches(batcher, mesh, keys=corpus_keys(config.data.document_attention))
         self.optimizer = make_optimizer(m.learning_rate, weight_decay=m.weight_decay, grad_clip=1.0,
-                                        warmup_steps=m.warmup_steps, total_steps=self.num_steps)
+                                        warmup_steps=m.warmup_steps, total_steps=self.num_steps,
+                                        only_lora=cfg.lora_rank > 0)
         self.sampler = Sampler(cfg, corpus, oracle, m, mesh, config.seed, config.data.prompt_words)
         self.length = self.sampler.prompt_len + m.sample_tokens
         self.ckpt = None

@@ -59,6 +59,7 @@ from regft_jax.data.mixture import prompt_of
 from regft_jax.data.pipeline import Corpus, check_domains
 from regft_jax.config_utils import require
 from regft_jax.models.aux import aux_config, init_aux_params
+from regft_jax.models.lora import merge_lora
 from regft_jax.oracles.base import OracleError
 from regft_jax import sharding as shd
 from regft_jax.sharding import abstract_on, batch_sharding, tree_batch_shardings
@@ -255,13 +256,13 @@ def aux_optimizer(method):
     return make_optimizer(method.aux_learning_rate, grad_clip=1.0)
 
 
-def aux_initializer(acfg, optimizer, mesh, method, seed: int):
+def aux_initializer(acfg, optimizer, mesh, method, seed: int, llm_cfg):
     """jit fn(llm_params, mean_label) -> the auxiliary model's initial TrainState on its shardings
-    (`aux_state_shardings`): trunk copied from `llm_params` (`method.aux_init="llm"`) or fresh, head
-    R ≡ mean_label (a static float; `init_aux_params`)."""
+    (`aux_state_shardings`): trunk copied from `llm_params` (`method.aux_init="llm"`; LoRA factors of
+    `llm_cfg` merged first) or fresh, head R ≡ mean_label (a static float; `init_aux_params`)."""
     return jax.jit(lambda llm_params, mean_label: init_train_state(init_aux_params(
         acfg, jax.random.key(seed + 1), mean_label=mean_label,
-        llm_params=llm_params if method.aux_init == "llm" else None), optimizer),
+        llm_params=merge_lora(llm_cfg, llm_params)[1] if method.aux_init == "llm" else None), optimizer),
         out_shardings=aux_state_shardings(mesh, acfg, optimizer), static_argnums=1)
 
 
@@ -338,6 +339,8 @@ def run_fingerprint(config, name: str, method_keys=None) -> str:
               if (k in method_keys if method_keys is not None else k not in RESUME_NEUTRAL)}
     parts = {"name": name, "seed": config.seed, "model": config.model.to_dict(), "data": config.data.to_dict(),
              "base": config.base.to_dict(), "method": method}
+    if config.get("lora") is not None and config.lora.rank:  # (absent without LoRA: older checkpoints still match)
+        parts["lora"] = config.lora.to_dict()
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -401,7 +404,8 @@ class MethodRun:
                                            shards=shd.batch_shards(mesh))
         self.num_steps = method.iterations * method.llm_steps
         self.llm_opt = make_optimizer(method.learning_rate, weight_decay=method.weight_decay, grad_clip=1.0,
-                                      warmup_steps=method.warmup_steps, total_steps=self.num_steps)
+                                      warmup_steps=method.warmup_steps, total_steps=self.num_steps,
+                                      only_lora=cfg.lora_rank > 0)
         self.aux_opt = aux_optimizer(method)
         self.acfg = aux_config(cfg, method.aux_layers)
         self.sampler = Sampler(cfg, corpus, oracle, method, mesh, config.seed, config.data.prompt_words)
@@ -430,7 +434,7 @@ class MethodRun:
         llm_sh = train_state_shardings(mesh, self.cfg, self.llm_opt)
         aux_sh = aux_state_shardings(mesh, self.acfg, self.aux_opt)
         init_llm = jax.jit(functools.partial(init_train_state, optimizer=self.llm_opt), out_shardings=llm_sh)
-        init_aux = aux_initializer(self.acfg, self.aux_opt, mesh, method, self.config.seed)
+        init_aux = aux_initializer(self.acfg, self.aux_opt, mesh, method, self.config.seed, self.cfg)
         anchor = base_params if self.spec.needs_anchor else None
         snapshot = self.spec.p_ref == "snapshot"
         like = RunState(llm=abstract_on(jax.eval_shape(init_llm, base_params), llm_sh),

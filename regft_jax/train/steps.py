@@ -23,7 +23,7 @@ from flax import struct
 from regft_jax import sharding as shd
 from regft_jax.errors import UserInputError
 from regft_jax.losses import lm_loss
-from regft_jax.models import ModelConfig, abstract_params, forward, packed_inputs, param_logical_axes
+from regft_jax.models import ModelConfig, abstract_params, forward, lora, packed_inputs, param_logical_axes
 
 
 @struct.dataclass
@@ -35,14 +35,18 @@ class TrainState:
 
 def make_optimizer(learning_rate: float | Callable = 3e-4, *, weight_decay: float = 0.0,
                    b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, grad_clip: float = 1.0,
-                   warmup_steps: int = 0, total_steps: int = 0) -> optax.GradientTransformation:
-    """AdamW with optional global-norm clipping and linear-warmup + cosine schedule."""
+                   warmup_steps: int = 0, total_steps: int = 0,
+                   only_lora: bool = False) -> optax.GradientTransformation:
+    """AdamW with optional global-norm clipping and linear-warmup + cosine schedule. only_lora: the
+    LoRA factors alone are updated (clipped by their own norm; no moments and no decay elsewhere)."""
     lr = learning_rate
     if total_steps and not callable(lr):
         lr = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
                                                 end_value=0.1 * lr)
     chain = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
     chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    if only_lora:
+        return optax.multi_transform({"lora": optax.chain(*chain), "frozen": optax.set_to_zero()}, lora.labels)
     return optax.chain(*chain)
 
 
