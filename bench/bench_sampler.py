@@ -113,6 +113,7 @@ def main(argv=None):
     rows = []
     for width, layers in parse_shapes(args.widths, args.layers):
         rows += _rows(args, width, layers, bandwidth)
+        print(f"done: {rows[-1][0]} ({len(rows)} rows)", flush=True)
         free_torch(args.torch_device)
 
     header = (f"model: random Llama (shape: width x layers), vocab {args.vocab}, float32; prompts "

@@ -137,11 +137,12 @@ def test_sigint_during_sft_checkpoints_at_the_next_step_and_resumes_bitwise(setu
     # log_every=1: the loop fetches every step's metrics at its boundary (when `interrupt` sees them)
     meter = Throughput("sft", tokens_per_step=256, flops_per_token=1.0, peak_flops=None, every=1, total_steps=6)
     ckpt = RunCheckpointer(str(tmp_path / "sft"), fingerprint="f")
+    before = signal.getsignal(signal.SIGINT)  # (SIG_IGN, not Python's handler, in a shell's background job)
     with pytest.raises(preemption.Preempted, match=r"^preempted at step 4 of sft; run the same command again"):
         train_lm(CFG, base, mesh, _batcher(corpus), OPTIM, steps=6, desc="sft", ckpt=ckpt, meter=meter,
                  log=interrupt)
     ckpt.close()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back
+    assert signal.getsignal(signal.SIGINT) is before  # the previous handler is back
     assert os.listdir(tmp_path / "sft") == ["4"]
 
     ckpt = RunCheckpointer(str(tmp_path / "sft"), fingerprint="f")
