@@ -74,7 +74,7 @@ from regft_jax.train.aux import sample_window
 from regft_jax.train.baselines import Trained
 from regft_jax.train.loop import corpus_keys, global_batches
 from regft_jax.train.schedules import (MetricsWriter, PendingLabels, Sampler, Samples, check_method_config,
-                                       run_fingerprint, step_boundary)
+                                       run_fingerprint, run_guarded, step_boundary)
 from regft_jax.train.steps import (accumulated_value_and_grad, guarded_update, init_train_state, make_optimizer,
                                    sft_loss, target_count, train_state_shardings)
 from regft_jax.train.throughput import Throughput
@@ -389,17 +389,7 @@ class PolicyRun:
     # -- the loop
 
     def __call__(self) -> Optional[Trained]:
-        try:
-            with preemption.guard():  # SIGTERM/SIGINT: checkpoint at the next step boundary, `Preempted`
-                self.loop()
-            jax.block_until_ready(self.state)
-        finally:
-            self.bar.close()
-            self.writer.close()
-            self.pool.shutdown(cancel_futures=True)
-            self.compiler.shutdown()
-            if self.ckpt is not None:
-                self.ckpt.close()
+        run_guarded(self, self.loop, lambda: self.state)
         if self.stopped() and self.step < self.num_steps:
             return None
         if self.history:

@@ -331,6 +331,23 @@ def step_boundary(step: int, every: int, num_steps: int, meter: Throughput, pend
 RESUME_NEUTRAL = ("resume", "checkpoint_every")  # method keys that may change between a run and its resume
 
 
+def run_guarded(driver, body, result) -> None:
+    """Run `body()` under the preemption guard (SIGTERM/SIGINT: checkpoint at the next step boundary,
+    then `Preempted`), wait for `result()` (the trained state) to be computed, and always release
+    the driver's progress bar, metrics writer, labeling pool, compiler thread and checkpointer."""
+    try:
+        with preemption.guard():
+            body()
+        jax.block_until_ready(result())
+    finally:
+        driver.bar.close()
+        driver.writer.close()
+        driver.pool.shutdown(cancel_futures=True)
+        driver.compiler.shutdown()
+        if driver.ckpt is not None:
+            driver.ckpt.close()
+
+
 def run_fingerprint(config, name: str, method_keys=None) -> str:
     """What a checkpoint must agree on to be resumed: everything that determines the run's results
     (not the mesh: a run may resume on another topology; orbax reshards). method_keys: the
@@ -578,17 +595,7 @@ class MethodRun:
                 self.log_and_checkpoint(pending)
 
     def __call__(self):
-        try:
-            with preemption.guard():  # SIGTERM/SIGINT: checkpoint at the next step boundary, `Preempted`
-                getattr(self, self.method.schedule)()
-            jax.block_until_ready(self.run.llm)
-        finally:
-            self.bar.close()
-            self.writer.close()
-            self.pool.shutdown(cancel_futures=True)
-            self.compiler.shutdown()
-            if self.ckpt is not None:
-                self.ckpt.close()
+        run_guarded(self, getattr(self, self.method.schedule), lambda: self.run.llm)
         run = self.run
         if self.stopped() and run.step < self.num_steps:
             return None
