@@ -14,7 +14,12 @@ float32, bytes read + written per second) and puts each row next to the bandwidt
 
 i.e. the rate if every step read the weights and the filled part of the KV cache once at the measured
 bandwidth (prefill and sampling arithmetic not counted). Small models whose weights fit in the
-caches (CPU L2/L3, a GPU's L2) can beat it.
+caches (CPU L2/L3, a GPU's L2) can beat it. At large batches decoding is bound by arithmetic instead;
+the same run measures the float32 matmul peak (a jitted square matmul of --peak_n) and the compute limit
+
+    compute limit tokens/s = peak FLOP/s / (2 x N + 4 x layers x heads x head_dim x (prompt + new / 2))
+
+and "% of limit" is of the lower of the two limits (the roofline).
 
     python bench/bench_sampler.py [--widths 128,256] [--batch 8,32,128] [--new 64] [--repeats 3]
                                   [--torch_device cpu|cuda] [--write]
@@ -29,7 +34,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (free_torch, heads_for, hf_llama, interleaved_times, jax_copy_bandwidth, machine,  # noqa: E402
+from common import (free_torch, heads_for, hf_llama, interleaved_times, jax_copy_bandwidth,  # noqa: E402
+                    jax_matmul_flops, machine,
                     parse_shapes, report, set_float32_matmuls, to_regft, torch_info, torch_sync)
 
 MODES = (  # (name, regft_jax generate kwargs, HF generate kwargs)
@@ -47,8 +53,16 @@ def _bytes_per_step(cfg, batch: int, context: float) -> float:
     return 4.0 * matmul_params(cfg) + batch * kv
 
 
-def _rows(args, width: int, layers: int, bandwidth: float) -> list[tuple]:
-    """Table rows (shape, batch, mode, ours tokens/s, HF tokens/s, limit tokens/s) of one model shape."""
+def _flops_per_token(cfg, context: float) -> float:
+    """FLOPs of one decode step per row: the matmul weights and attention over `context` slots."""
+    from regft_jax.train.throughput import matmul_params
+
+    return 2.0 * matmul_params(cfg) + 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+
+
+def _rows(args, width: int, layers: int, bandwidth: float, peak: float) -> list[tuple]:
+    """Table rows (shape, batch, mode, ours tokens/s, HF tokens/s, bandwidth limit, compute limit) of one
+    model shape."""
     import torch
 
     from regft_jax import sampling
@@ -66,7 +80,9 @@ def _rows(args, width: int, layers: int, bandwidth: float) -> list[tuple]:
         tokens, mask = sampling.pad_prompts(prompts, max(lengths), batch)
         hf_inputs = {"input_ids": torch.tensor(tokens, dtype=torch.long, device=device),
                      "attention_mask": torch.tensor(mask, dtype=torch.long, device=device)}
-        limit = batch * bandwidth / _bytes_per_step(cfg, batch, tokens.shape[1] + n / 2)
+        context = tokens.shape[1] + n / 2
+        limit = batch * bandwidth / _bytes_per_step(cfg, batch, context)
+        compute = peak / _flops_per_token(cfg, context)
         for mode, kw_ours, kw_hf in MODES:
             def ours():
                 return sampling.generate(cfg, params, prompts, max_new_tokens=n, batch_size=batch, **kw_ours)
@@ -83,7 +99,7 @@ def _rows(args, width: int, layers: int, bandwidth: float) -> list[tuple]:
                 same = (np.asarray(ours()) == theirs()[:, tokens.shape[1]:].cpu().numpy()).all(axis=1)
                 mode += (" (tokens identical)" if same.all()
                          else f" (TOKENS DIFFER: {same.sum()}/{batch} rows identical)")
-            rows.append((shape, batch, mode, batch * n / t_ours, batch * n / t_hf, limit))
+            rows.append((shape, batch, mode, batch * n / t_ours, batch * n / t_hf, limit, compute))
     return rows
 
 
@@ -102,6 +118,7 @@ def main(argv=None):
     ap.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (both sides)")
     ap.add_argument("--stream_mb", type=int, default=0,
                     help="array size of the bandwidth test (0: 1024 on GPU, 256 on CPU)")
+    ap.add_argument("--peak_n", type=int, default=0, help="matmul size for the peak (0: 8192 on GPU, 2048 on CPU)")
     ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args(argv)
 
@@ -110,23 +127,29 @@ def main(argv=None):
     precision = set_float32_matmuls(args.tf32)
     stream_mb = args.stream_mb or (1024 if jax.devices()[0].platform == "gpu" else 256)
     bandwidth = jax_copy_bandwidth(stream_mb)
+    peak_n = args.peak_n or (8192 if jax.devices()[0].platform == "gpu" else 2048)
+    peak = jax_matmul_flops(peak_n, "float32")
     rows = []
     for width, layers in parse_shapes(args.widths, args.layers):
-        rows += _rows(args, width, layers, bandwidth)
+        rows += _rows(args, width, layers, bandwidth, peak)
         print(f"done: {rows[-1][0]} ({len(rows)} rows)", flush=True)
         free_torch(args.torch_device)
 
     header = (f"model: random Llama (shape: width x layers), vocab {args.vocab}, float32; prompts "
               f"{args.prompt_len // 2}-{args.prompt_len} tokens (left-padded), {args.new} new tokens; {precision}; "
               f"best of {args.repeats} interleaved calls after warm-up; memory bandwidth "
-              f"{bandwidth / 1e9:.1f} GB/s (jitted x <- 2x, {stream_mb} MB float32); limit = batch x bandwidth / "
-              f"(float32 matmul weights + KV cache at the mean context) per step; {machine()}; "
-              f"HF: {torch_info(args.torch_device)}")
+              f"{bandwidth / 1e9:.1f} GB/s (jitted x <- 2x, {stream_mb} MB float32); float32 matmul peak "
+              f"{peak / 1e9:,.0f} GFLOP/s (jitted {peak_n}^3); bandwidth limit = batch x bandwidth / (float32 matmul "
+              f"weights + KV cache at the mean context) per step; compute limit = peak / FLOPs per token; "
+              f"% of limit: of the lower one (in bold); {machine()}; HF: {torch_info(args.torch_device)}")
     lines = ["| shape (params) | batch | mode | regft_jax tokens/s | HF generate tokens/s | speed-up "
-             "| bandwidth limit tokens/s | ours % of limit | HF % of limit |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {shape} | {bs} | {m} | {a:,.0f} | {b:,.0f} | {a / b:.1f}x | {lim:,.0f} | {100 * a / lim:.0f}% "
-              f"| {100 * b / lim:.0f}% |" for shape, bs, m, a, b, lim in rows]
+             "| bandwidth limit tokens/s | compute limit tokens/s | ours % of limit | HF % of limit |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for shape, bs, m, a, b, bw, fl in rows:
+        lim = min(bw, fl)
+        bold = lambda x: f"**{x:,.0f}**" if x == lim else f"{x:,.0f}"
+        lines.append(f"| {shape} | {bs} | {m} | {a:,.0f} | {b:,.0f} | {a / b:.1f}x | {bold(bw)} | {bold(fl)} "
+                     f"| {100 * a / lim:.0f}% | {100 * b / lim:.0f}% |")
     report("Sampler vs HF generate", "bench_sampler.py", argv, header, "\n".join(lines), args.write)
 
 

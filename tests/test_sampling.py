@@ -168,3 +168,57 @@ def test_inverse_cdf_categorical_matches_probabilities():
         freq = np.bincount(np.asarray(draws[:, row]), minlength=5) / n
         p = np.exp(np.asarray(logp[row]))
         assert np.all(np.abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-9), (freq, p)  # 4 sigma
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 37, 4096])
+def test_two_level_categorical_matches_probabilities_and_skips_zeros(vocab):
+    """Blocks of ~sqrt(V) (and a ragged last block): frequencies within 4 sigma of p, and tokens of
+    probability 0 (scattered, at block ends, a whole block) are never drawn."""
+    rng = np.random.default_rng(vocab)
+    logits = rng.normal(size=(2, vocab)) * 2
+    logits[:, rng.random(vocab) < 0.3] = -np.inf  # scattered zeros
+    logits[1, : vocab // 2] = -np.inf  # whole blocks of zeros in row 1
+    logits[:, -1] = 5.0 if vocab < 40 else 0.0  # at least one token; the last slot of the ragged block
+    logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
+    n = 50_000
+    draws = np.asarray(jax.vmap(lambda k: sampling.categorical(k, logp))(jax.random.split(jax.random.key(2), n)))
+    for row in range(2):
+        p = np.exp(np.asarray(logp[row], np.float64))
+        counts = np.bincount(draws[:, row], minlength=vocab)
+        assert np.all(counts[p == 0] == 0)
+        # Pearson's chi-square over the tokens expected >= 5 times, the rest pooled into one bin; the
+        # threshold is the 1 - 1e-4 quantile (Wilson-Hilferty).
+        big = n * p >= 5
+        observed = np.append(counts[big], counts[~big].sum())
+        expected = np.append(n * p[big], n * p[~big].sum())
+        keep = expected > 0
+        chi2 = (((observed - expected) ** 2)[keep] / expected[keep]).sum()
+        df = keep.sum() - 1
+        threshold = df * (1 - 2 / (9 * df) + 3.72 * np.sqrt(2 / (9 * df))) ** 3 if df else 0.0
+        assert chi2 <= threshold, (chi2, df, threshold)
+
+
+def test_argmax_is_first_maximum():
+    x = jnp.asarray([[0.0, 3.0, 3.0, 1.0], [-jnp.inf, -jnp.inf, -1.0, -jnp.inf], [2.0, 2.0, 2.0, 2.0]])
+    np.testing.assert_array_equal(np.asarray(sampling.argmax(x)), np.asarray(jnp.argmax(x, axis=-1)))
+    big = jax.random.normal(jax.random.key(0), (64, 4096))
+    np.testing.assert_array_equal(np.asarray(sampling.argmax(big)), np.asarray(jnp.argmax(big, axis=-1)))
+
+
+def test_unstacked_layers_equal_the_scanned_stack(converted):
+    """Decoding on per-layer buffers (`unstack_layers`, per-layer KV cache) computes what the scanned
+    stack does: the same sampled tokens and log-probs, and the same full-pass logits."""
+    _, cfg, params = converted
+    rng = np.random.default_rng(0)
+    tokens, mask = sampling.pad_prompts([rng.integers(1, VOCAB, k).tolist() for k in (3, 7, 5)], 8, 4)
+    outs = [jax.jit(lambda p, t, m, unstacked=unstacked: sampling.sample(
+        cfg, p, t, m, jax.random.key(1), max_new_tokens=6, temperature=0.8, top_p=0.9, unstacked=unstacked))(
+        params, tokens, mask) for unstacked in (False, True)]
+    np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
+    np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(outs[0].ref_logprobs), np.asarray(outs[1].ref_logprobs), atol=1e-5)
+    unstacked = models.unstack_layers(params)
+    assert len(unstacked["layers"]) == cfg.num_layers and models.unstack_layers(unstacked) is unstacked
+    np.testing.assert_allclose(np.asarray(models.forward(cfg, unstacked, jnp.asarray(tokens), attention_mask=mask)),
+                               np.asarray(models.forward(cfg, params, jnp.asarray(tokens), attention_mask=mask)),
+                               atol=1e-5)

@@ -12,11 +12,12 @@ from regft_jax.models.core import (
     packed_inputs,
     param_logical_axes,
     segment_positions,
+    unstack_layers,
 )
 from regft_jax.models.hf import load_hf, save_hf
 
 __all__ = [
     "ConfigError", "ModelConfig", "RopeScaling", "from_hf_config", "to_hf_config",
     "abstract_params", "default_positions", "forward", "forward_cached", "init_cache", "init_params",
-    "module", "packed_inputs", "param_logical_axes", "segment_positions", "load_hf", "save_hf",
+    "module", "packed_inputs", "param_logical_axes", "segment_positions", "unstack_layers", "load_hf", "save_hf",
 ]

@@ -31,12 +31,32 @@ def _abstract(cfg: ModelConfig):
 
 def module(cfg: ModelConfig, params: Params) -> Decoder:
     """The NNX decoder bound to `params` (cheap: no arrays are copied). With LoRA (cfg.lora_rank > 0)
-    only the LoRA factors carry gradients."""
+    only the LoRA factors carry gradients. Unstacked params (`unstack_layers`): the module holds
+    layer 0's weights; pass `layer_list(params)` to its `hidden_states`."""
     if cfg.lora_rank:
         from regft_jax.models.lora import stop_base_gradients
 
         params = stop_base_gradients(params)
+    if isinstance(params["layers"], tuple):
+        params = {**params, "layers": params["layers"][0]}
     return nnx.merge(_abstract(cfg)[0], params)
+
+
+def unstack_layers(params: Params) -> Params:
+    """`params` with the stacked layer weights (leading "layers" axis) split into a tuple of
+    per-layer trees, so that the layers run one after another on their own buffers. For decoding:
+    XLA on CPU copies a layer's slice of a stacked weight (and KV cache) at every step, which costs
+    as much as the step's matrix multiplies at small batch. One copy of the weights, once."""
+    stacked = params["layers"]
+    if isinstance(stacked, tuple):
+        return params
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))}
+
+
+def layer_list(params: Params) -> Optional[tuple]:
+    """The per-layer weights of unstacked params (`unstack_layers`), None for stacked ones."""
+    return params["layers"] if isinstance(params["layers"], tuple) else None
 
 
 def abstract_params(cfg: ModelConfig) -> Params:
@@ -111,7 +131,7 @@ def hidden_states(cfg: ModelConfig, params: Params, input_ids: jax.Array, *,
             positions = default_positions(attention_mask)
     mask = _attention_mask(key_valid, jnp.broadcast_to(jnp.arange(s), (b, s)), segment_ids)
     model = module(cfg, params)
-    h, _ = model.hidden_states(input_ids, positions, mask)
+    h, _ = model.hidden_states(input_ids, positions, mask, layers=layer_list(params))
     return h, model
 
 
@@ -154,13 +174,20 @@ def packed_inputs(batch: dict, document_attention: Optional[bool] = None) -> dic
     return out
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Optional[str] = None) -> dict:
-    """An empty KV cache for `batch` rows and `max_len` slots (stacked over layers)."""
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # head-major slots
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Optional[str] = None,
+               per_layer: bool = False) -> dict:
+    """An empty KV cache for `batch` rows and `max_len` slots: "k" and "v" stacked over layers
+    [layers, b, kv_heads, t, head_dim], or with `per_layer` tuples of one [b, kv_heads, t, head_dim]
+    array per layer (read in place by unstacked params, `unstack_layers`)."""
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # head-major slots
     dtype = jnp.dtype(dtype or cfg.dtype)
+    if per_layer:
+        kv = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    else:
+        kv = lambda: jnp.zeros((cfg.num_layers, *shape), dtype)
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        "k": kv(),
+        "v": kv(),
         "valid": jnp.zeros((batch, max_len), bool),  # slot holds a real (non-padding) token
         "positions": jnp.zeros((batch,), jnp.int32),  # next rotary position of each row
         "index": jnp.zeros((), jnp.int32),  # next slot to write (shared: prompts are left-padded)
@@ -179,7 +206,7 @@ def hidden_states_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, ca
     slots = jnp.broadcast_to(index + jnp.arange(s), (b, s))
     mask = _attention_mask(valid, slots)
     model = module(cfg, params)
-    h, cache = model.hidden_states(tokens, positions, mask, {**cache, "valid": valid})
+    h, cache = model.hidden_states(tokens, positions, mask, {**cache, "valid": valid}, layers=layer_list(params))
     cache["positions"] = cache["positions"] + token_mask.astype(jnp.int32).sum(-1)
     cache["index"] = index + s
     return h, cache, model

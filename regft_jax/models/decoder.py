@@ -142,15 +142,19 @@ class Attention(nnx.Module):
 
     def _project(self, x: Array, name: str) -> Array:
         dtype = _dtype(self.cfg.dtype)
-        y = jnp.einsum("bsd,dhk->bhsk", x, getattr(self, name)[...].astype(dtype))  # head-major
+        w = getattr(self, name)[...].astype(dtype)  # [d, heads, hd]
+        # A plain [b·s, d] x [d, heads·hd] matmul, then head-major: written as one einsum, XLA on CPU
+        # transposes the weight at every call (every decode step).
+        y = jnp.swapaxes((x @ w.reshape(w.shape[0], -1)).reshape(*x.shape[:2], *w.shape[1:]), 1, 2)
         y = _with_lora(self, name, y, x.astype(dtype), "bsd,dr->bsr", "bsr,rhk->bhsk")
         if self.cfg.qkv_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(dtype)[:, None]
         return y
 
     def __call__(self, x: Array, positions: Array, mask: Array, kv: Optional[tuple]) -> tuple:
-        """x: [b, s, d]; mask: [b, s, t] bool (query may attend key); kv: None or the stacked cache
-        (k [layers, b, kv_heads, t, hd], v, this layer's index, first slot to write).
+        """x: [b, s, d]; mask: [b, s, t] bool (query may attend key); kv: None or the cache
+        (k [layers, b, kv_heads, t, hd], v, this layer's index, first slot to write), or this layer's
+        own cache (k [b, kv_heads, t, hd], v, None, first slot to write).
 
         Returns (output [b, s, d], the updated stacked (k, v) cache, or the fresh keys/values).
         The cache is updated in place (only the new slots are written), so a decode step costs
@@ -164,10 +168,13 @@ class Attention(nnx.Module):
         q = sharding.constrain(q, ("batch", "q_heads", "length", "head_dim"))
         if kv is not None:
             cache_k, cache_v, layer, index = kv
-            start = (layer, 0, 0, index, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
-            k, v = cache_k[layer], cache_v[layer]
+            if layer is None:  # this layer's own cache [b, kv_heads, t, hd]
+                start, new_k, new_v = (0, 0, index, 0), k, v
+            else:  # the stacked cache [layers, b, kv_heads, t, hd]
+                start, new_k, new_v = (layer, 0, 0, index, 0), k[None], v[None]
+            cache_k = jax.lax.dynamic_update_slice(cache_k, new_k.astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), start)
+            k, v = (cache_k, cache_v) if layer is None else (cache_k[layer], cache_v[layer])
         b, h, s, hd = q.shape
         groups = h // cfg.num_kv_heads
         q = q.reshape(b, cfg.num_kv_heads, groups, s, hd)
@@ -177,7 +184,8 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgst,bktd->bkgsd", probs, v.astype(q.dtype)).reshape(b, h, s, hd)
         out_heads = out
-        out = jnp.einsum("bhsk,hkd->bsd", out_heads, self.o[...].astype(q.dtype))
+        o = self.o[...].astype(q.dtype)  # [heads, hd, d]
+        out = jnp.swapaxes(out_heads, 1, 2).reshape(b, s, h * hd) @ o.reshape(h * hd, -1)
         out = _with_lora(self, "o", out, out_heads, "bhsk,hkr->bsr", "bsr,rd->bsd")
         if cfg.out_bias:
             out = out + self.o_bias[...].astype(q.dtype)
@@ -258,12 +266,19 @@ class Decoder(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), "normal", 0)
 
-    def hidden_states(self, tokens: Array, positions: Array, mask: Array, cache: Optional[dict] = None):
-        """Final-norm hidden states [b, s, d] and the updated KV cache (or None)."""
+    def hidden_states(self, tokens: Array, positions: Array, mask: Array, cache: Optional[dict] = None,
+                      layers: Optional[tuple] = None):
+        """Final-norm hidden states [b, s, d] and the updated KV cache (or None).
+
+        layers: None (the stacked weights of `self.layers`, applied with `lax.scan`) or a tuple of
+        per-layer weights (`core.unstack_layers`), applied one after another in the traced program.
+        """
         cfg = self.cfg
         x = jnp.take(self.embed[...], tokens, axis=0).astype(_dtype(cfg.dtype))
         x = sharding.constrain(x, ("batch", "length", "embed"))
         graphdef, layer_params = nnx.split(self.layers)
+        if layers is not None:
+            return self._unrolled(graphdef, layers, x, positions, mask, cache)
 
         def layer(carry, per_layer):
             x, kv = carry
@@ -280,6 +295,25 @@ class Decoder(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = {**cache, "k": new_kv[0], "v": new_kv[1]}
+        return self.final_norm(x), new_cache
+
+    def _unrolled(self, graphdef, layers: tuple, x: Array, positions: Array, mask: Array, cache: Optional[dict]):
+        """The layers one after another on their own weight (and, with a per-layer cache, KV) buffers:
+        nothing is sliced out of a stacked array, which XLA on CPU copies at every decode step."""
+        per_layer = cache is not None and isinstance(cache["k"], tuple)
+        ks, vs = (None, None) if cache is None else (list(cache["k"]) if per_layer else cache["k"],
+                                                     list(cache["v"]) if per_layer else cache["v"])
+        for i, params in enumerate(layers):
+            block = nnx.merge(graphdef, params)
+            if cache is None:
+                x, _ = block(x, positions, mask, None)
+            elif per_layer:
+                x, (ks[i], vs[i]) = block(x, positions, mask, (ks[i], vs[i], None, cache["index"]))
+            else:
+                x, (ks, vs) = block(x, positions, mask, (ks, vs, i, cache["index"]))
+        new_cache = None
+        if cache is not None:
+            new_cache = {**cache, "k": tuple(ks) if per_layer else ks, "v": tuple(vs) if per_layer else vs}
         return self.final_norm(x), new_cache
 
     def logits(self, h: Array) -> Array:
