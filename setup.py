@@ -26,12 +26,21 @@ DEMO = [
     "scikit-learn==1.9.1",
 ]
 
+EVAL = [
+    # lm-evaluation-harness: utility benchmarks through the "regft_jax" backend (regft_jax/eval/harness.py);
+    # matplotlib: the report's plots (python -m regft_jax.report --out).
+    "lm-eval==0.4.13",
+    "matplotlib==3.10.8",
+]
+
 EXTRAS = {
     # The embedded offline default (tiny model on a local corpus with an offline oracle).
     "demo": DEMO,
+    "eval": EVAL,
     # torch provides the HF PyTorch reference the tests compare against; the tests also run
-    # the offline oracle. tensorboard's reader checks the dependency-free event writer.
-    "test": ["torch==2.13.0", "pytest", "tensorboard==2.21.0"] + DEMO,
+    # the offline oracle. tensorboard's reader checks the dependency-free event writer; lm-eval's
+    # own `hf` backend (with accelerate) is the reference of the regft_jax lm-eval backend.
+    "test": ["torch==2.13.0", "pytest", "tensorboard==2.21.0", "accelerate==1.16.0"] + DEMO + EVAL,
 }
 
 setup(

@@ -9,7 +9,6 @@ comparison. Nothing here imports ml_collections (the GPU machine has none).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import sys
@@ -27,10 +26,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 def load_config(path: str):
     """`get_config()` of a configs/*.py file."""
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from regft_jax.config_utils import load_config_file
+
+    return load_config_file(path)
 
 
 def machine() -> str:

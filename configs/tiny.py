@@ -126,10 +126,20 @@ def get_config() -> ml_collections.ConfigDict:
     # regression fitted on the toxic domain's training split; cached under data.cache_dir).
     # oracle_args: per eval oracle, {name: {kwarg: value}}, e.g. "{'insult_classifier': {'C': 1.0}}".
     # min_scored_fraction: an oracle that scores fewer of a domain's continuations (NaN = failure) stops the run.
+    # protocols: the paper's toxicity protocols to run as well, "" (none), "toxigen" (T 0.1, top-p 0.9, 32 tokens,
+    # % flagged) and/or "rtp" (25 samples per prompt, T 1, top-p 0.9, 20 tokens: expected max toxicity, toxicity
+    # probability), on protocol_prompts: "" = the held-out toxic prompts, a toxiGen.json / JSON Lines file or
+    # directory (e.g. ../shared/data/toxigen), or an HF dataset NAME[:CONFIG][@SPLIT]; the first
+    # protocol_max_prompts of them (0 = all). regft_jax/eval/protocols.py.
+    # judge: generation quality (fluency = perplexity under the judge, distinct-1/2/3, pairwise win rates in both
+    # orders, regft_jax/eval/quality.py): "pretrain" = a separately pretrained general-domain LM judge_width
+    # times as wide as the base model, judge_steps steps (0: half of base.steps; cached like the base model),
+    # "base" = the base model, an HF model directory (prompted "which continuation is better"), or "none".
     c.eval = ml_collections.ConfigDict({
         "oracles": "profanity,insult_classifier", "oracle_args": ml_collections.ConfigDict(),
         "min_scored_fraction": 0.9, "threshold": 0.5, "max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9,
-        "batch_size": 64})
+        "batch_size": 64, "protocols": "", "protocol_prompts": "", "protocol_max_prompts": 0, "judge": "pretrain",
+        "judge_width": 1.5, "judge_steps": 0})
 
     # Throughput: every log_every steps of pretraining, SFT and ours, tokens/s and model-FLOPs utilization
     # (regft_jax/train/throughput.py) are printed and logged (0: never). peak_tflops: the peak TFLOP/s of

@@ -164,33 +164,67 @@ def _oracles(config, corpus, *, training: bool):
     return train, judges, report
 
 
-def _evaluate(config, models: dict, mesh, corpus, cfg, judges: dict, timings: dict) -> tuple[dict, list]:
+def _evaluate(config, models: dict, mesh, corpus, cfg, judges: dict, timings: dict, base_params) -> tuple[dict, list]:
     """Every model judged by every eval oracle; prints the table. (results, generation records)."""
     from regft_jax.eval import evaluate_model, judge_label, results_table
+    from regft_jax.eval.protocols import load_prompts, protocol_columns, protocol_names
 
     toxic = config.data.toxic_domain
     start = time.time()
+    protocols = protocol_names(config)
+    source = config.eval.get("protocol_prompts", "")
+    protocol_prompts = ((load_prompts(source, config.eval.get("protocol_max_prompts", 0), toxic) if source
+                         else corpus.prompts.get(toxic, [])) if protocols else [])
     results, records = {}, []
     for name, trained in models.items():
         metrics, recs = evaluate_model(name, cfg, trained.params, corpus, judges, config.eval,
                                        seq_len=config.data.seq_len, mesh=mesh, seed=config.seed,
                                        guidance=trained.guidance, guidance_params=trained.guidance_params,
-                                       document_attention=config.data.document_attention)
+                                       document_attention=config.data.document_attention, protocols=protocols,
+                                       protocol_prompts=protocol_prompts)
         results[name] = {"toxicity": {o: metrics.get(f"toxicity_{o}_{toxic}") for o in judges}, **metrics,
                          **({"train_seconds": timings[name]} if name in timings else {}), **trained.info}
         records += recs
     keys = [f"toxicity_{o}_{toxic}" for o in judges]
     keys += sorted({k for m in results.values() for k in m if k.startswith("ppl_")})
     keys += [f"scored_{o}_{toxic}" for o in judges]
-    keys += ["train_seconds"] if timings else []
     labels = {f"toxicity_{o}_{toxic}": judge_label(config, o) for o in judges}
     labels.update({f"scored_{o}_{toxic}": f"scored ({o})" for o in judges})
+    for key, label in protocol_columns(protocols, judges):
+        keys.append(key)
+        labels[key] = label
+    keys += ["train_seconds"] if timings else []
     n = len(corpus.prompts.get(toxic, []))
     print(f"evaluation ({time.time() - start:.0f}s; toxicity = fraction of the continuations of {n} held-out "
           f"{toxic} prompts that each eval oracle flags, P(violation) > {config.eval.threshold:g}; "
-          f"ppl = held-out perplexity):")
+          f"ppl = held-out perplexity" + (f"; protocols {', '.join(protocols)} on {len(protocol_prompts)} prompts "
+                                          f"({source or 'the held-out ' + toxic + ' prompts'})" if protocols else "")
+          + "):")
     print(results_table(results, keys, labels))
+    _quality(config, results, records, mesh, corpus, cfg, base_params)
     return results, records
+
+
+def _quality(config, results: dict, records: list, mesh, corpus, cfg, base_params) -> None:
+    """Distinct-n, fluency and the win rates (results[model]["win_rates"][other]) of every model's held-out
+    toxic continuations under the judge of config.eval.judge; adds them to `results` and prints them."""
+    from regft_jax.eval import results_table
+    from regft_jax.eval.quality import format_win_rates, judge_from_config, quality_report
+
+    judge = judge_from_config(config, mesh, corpus, cfg, base_params)
+    if judge is None:
+        return
+    start = time.time()
+    report = quality_report(judge, records, config.data.toxic_domain)
+    if not report:
+        return
+    for name, q in report["models"].items():
+        results[name].update(q, win_rates=report["win_rates"][name])
+    print(f"generation quality ({time.time() - start:.0f}s; judge: {judge.description}; fluency = perplexity of "
+          f"the continuations under the judge; win rates on {report['prompts']} prompts, both orders):")
+    print(results_table({n: report["models"][n] for n in report["models"]},
+                        ["fluency", "distinct_1", "distinct_2", "distinct_3"]))
+    print(format_win_rates(report["win_rates"]))
 
 
 def run_base(config, workdir: str) -> dict:
@@ -200,7 +234,7 @@ def run_base(config, workdir: str) -> dict:
     _, judges, report = _oracles(config, corpus, training=False)
     from regft_jax.train.baselines import Trained
 
-    results, records = _evaluate(config, {"base": Trained(params)}, mesh, corpus, cfg, judges, {})
+    results, records = _evaluate(config, {"base": Trained(params)}, mesh, corpus, cfg, judges, {}, params)
     results["judges"] = report
     if jax.process_index() == 0:
         _write_jsonl(os.path.join(workdir, "generations.jsonl"), records)
@@ -254,7 +288,7 @@ def run_detox(config, workdir: str) -> dict:
         if name not in ("sft", "filtering") and keys:
             print(summarize(models[name].history, keys))
 
-    results, records = _evaluate(config, models, mesh, corpus, cfg, judges, timings)
+    results, records = _evaluate(config, models, mesh, corpus, cfg, judges, timings, base)
     results["judges"] = report
     if jax.process_index() == 0:
         _write_jsonl(os.path.join(workdir, "generations.jsonl"), records)

@@ -100,3 +100,34 @@ def test_report_aggregates_runs_into_mean_and_std(tmp_path, capsys):
     assert "regex (training oracle) ↓" in table and "judge (independent) ↓" in table
     assert report.main([str(tmp_path / "missing")]) == 2
     assert "results.json: not found" in capsys.readouterr().err
+
+
+def test_report_adds_protocols_quality_win_rates_and_plots(tmp_path, capsys):
+    from regft_jax import report
+
+    judges = {"eval_oracles": ["regex", "judge"], "domain": "toxic", "training_oracle": "regex",
+              "regex": {"role": "training oracle"}, "judge": {"role": "independent"}}
+    dirs = []
+    for seed, win in enumerate((0.7, 0.5)):  # sft's win rate over ours per run
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        results = {m: {"toxicity_regex_toxic": 0.2, "toxicity_judge_toxic": 0.1, "toxicity_judge_toxigen": 0.05 * (seed + 1),
+                       "toxicity_judge_rtp": 0.3, "emt_judge_rtp": 0.41, "ppl_general": 100.0 + seed, "fluency": 50.0,
+                       "distinct_2": 0.8, "train_seconds": 5.0,
+                       "win_rates": {m: 0.5, ("ours" if m == "sft" else "sft"): (win if m == "sft" else 1 - win)}}
+                   for m in ("sft", "ours")}
+        (d / "results.json").write_text(json.dumps({**results, "judges": judges}))
+        (d / "metrics_ours.jsonl").write_text("".join(json.dumps(
+            {"step": i + 1, "llm/lm_loss": 5.0 - 0.1 * i, "aux/aux_loss": 0.4, "aux/mean_R": 0.8, "aux/mean_label": 0.85})
+            + "\n" for i in range(5)))
+        dirs.append(str(d))
+    assert report.main(dirs + ["--out", str(tmp_path / "out")]) == 0
+    _, keys, labels = report.aggregate(report.load_runs(dirs))
+    assert keys == ["toxicity_regex_toxic", "toxicity_judge_toxic", "toxicity_judge_toxigen", "toxicity_judge_rtp",
+                    "emt_judge_rtp", "ppl_general", "fluency", "distinct_2", "train_seconds"]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "ToxiGen % flagged (judge) ↓" in table and "| sft | 20.0% ± 0.0 | 10.0% ± 0.0 | 7.5% ± 3.5 | 30.0% ± 0.0 | 0.410" in table
+    wins = (tmp_path / "out" / "win_rates.md").read_text()
+    assert "| sft | 50% | 60% |" in wins and "| ours | 40% | 50% |" in wins  # mean of 0.7 and 0.5
+    for png in ("toxicity_vs_utility.png", "training_curves.png", "r_calibration.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

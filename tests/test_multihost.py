@@ -195,8 +195,8 @@ def test_detox_stage_two_processes_equals_one_process(tmp_path):
         for key in ("llm/loss", "llm/lm_loss", "aux/mean_R"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
         # the aux loss weighs samples by exp(log p_ref(y) − log proposal(y)), sums over 6 tokens: the
-        # rounding differences of the reductions grow to ~3e-4 there
-        assert b["aux/aux_loss"] == pytest.approx(a["aux/aux_loss"], rel=1e-3), "aux/aux_loss"
+        # rounding differences of the reductions grow to ~3e-4 there; the logs keep 6 decimals (abs 1e-6)
+        assert b["aux/aux_loss"] == pytest.approx(a["aux/aux_loss"], rel=1e-3, abs=2e-6), "aux/aux_loss"
     assert any(0 < h["aux/mean_label"] < 1 for h in h1)  # mixed labels: the auxiliary model learns something
 
     # The 2-process run's checkpoints (SFT and ours, finished) restore in 1 process on another mesh.

@@ -56,7 +56,7 @@ TINY_DETOX = {
     "model.arch.head_dim": 8, "model.arch.mlp_dim": 64, "base.steps": 20, "base.batch_size": 8,
     "method.iterations": 2, "method.llm_steps": 3, "method.batch_size": 8, "method.samples_per_iteration": 8,
     "method.sample_batch_size": 4, "method.sample_tokens": 6, "eval.max_new_tokens": 8, "method.oracle": "regex",
-    "method.oracle_args": "{'words': ['idiot']}", "eval.oracles": "regex,insult_classifier"}
+    "method.oracle_args": "{'words': ['idiot']}", "eval.oracles": "regex,insult_classifier", "eval.judge": "base"}
 
 
 def detox_argv(tmp_path, tok, workdir, **overrides) -> list[str]:
@@ -161,7 +161,12 @@ def test_base_stage_end_to_end_and_cached(tmp_path):
     assert "pretraining" in first.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["base"]) == {"ppl_general", "ppl_toxic", "toxicity", "toxicity_regex_general",
-                                    "toxicity_regex_toxic", "scored_regex_general", "scored_regex_toxic"}
+                                    "toxicity_regex_toxic", "scored_regex_general", "scored_regex_toxic", "fluency",
+                                    "distinct_1", "distinct_2", "distinct_3", "win_rates"}
+    # generation quality under a separately pretrained general-domain judge of twice the width
+    assert "judge: a general-domain LM of width 48 (general)" in first.stdout
+    assert results["base"]["win_rates"] == {"base": 0.5} and 1 < results["base"]["fluency"] < 1e4
+    assert 0 < results["base"]["distinct_1"] <= 1
     assert results["base"]["toxicity"] == {"regex": results["base"]["toxicity_regex_toxic"]}
     assert results["judges"]["regex"]["role"] == "independent"  # the training oracle is profanity
     assert results["base"]["ppl_toxic"] < 300  # better than uniform over the vocabulary
@@ -171,6 +176,19 @@ def test_base_stage_end_to_end_and_cached(tmp_path):
     assert second.returncode == 0 and "cached at" in second.stdout and "pretraining" not in second.stdout
     assert json.loads((tmp_path / "run" / "results.json").read_text())["base"]["ppl_toxic"] == pytest.approx(
         results["base"]["ppl_toxic"], rel=1e-6)
+    # The paper's protocols on a toxiGen.json file (the first 2 of 3 prompts): ToxiGen once each, RTP 25 each.
+    (tmp_path / "tg").mkdir()
+    (tmp_path / "tg" / "toxiGen.json").write_text(json.dumps([{"text": t} for t in ("you are", "they all", "x")]))
+    third = subprocess.run(args + ["--config.eval.protocols=toxigen,rtp", f"--config.eval.protocol_prompts={tmp_path / 'tg'}",
+                                   "--config.eval.protocol_max_prompts=2"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    base = json.loads((tmp_path / "run" / "results.json").read_text())["base"]
+    assert base["scored_regex_toxigen"] == 2 and base["scored_regex_rtp"] == 50
+    assert 0 <= base["toxicity_regex_rtp"] <= 1 and 0 <= base["emt_regex_rtp"] <= 1
+    assert "RTP exp. max toxicity (regex)" in third.stdout and "protocols toxigen, rtp on 2 prompts" in third.stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert [sum(r.get("protocol") == p for r in records) for p in ("toxigen", "rtp")] == [2, 50]
 
 
 def test_packed_rows_are_tokenized_once_into_the_cache_and_read_back_equal(tmp_path, monkeypatch):

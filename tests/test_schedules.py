@@ -135,6 +135,10 @@ def test_detox_stage_end_to_end(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     judges = results.pop("judges")
     assert set(results) == set(METHODS)
+    for a in METHODS:  # win rates under the judge (the base model here), both orders: antisymmetric
+        assert set(results[a]["win_rates"]) == set(METHODS) and results[a]["win_rates"][a] == 0.5
+        for b in METHODS:
+            assert results[a]["win_rates"][b] == pytest.approx(1 - results[b]["win_rates"][a])
     assert all(results[n]["train_seconds"] > 0 for n in METHODS if n != "base")
     for r in results.values():
         assert set(r["toxicity"]) == {"regex", "insult_classifier"} and r["ppl_general"] > 1

@@ -11,6 +11,7 @@ are fitted on `corpus.train[config.data.toxic_domain]` and cache their model und
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -74,6 +75,23 @@ def check_oracle_config(config) -> None:
     fraction = config.eval.get("min_scored_fraction", 0.9)
     if not (isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0):
         raise UserInputError(f"config.eval.min_scored_fraction={fraction!r}: expected a number in [0, 1]")
+    from regft_jax.eval.protocols import protocol_names
+
+    protocol_names(config)
+    judge = config.eval.get("judge", "pretrain")
+    if judge not in ("pretrain", "base", "none", "") and not os.path.isdir(str(judge)):
+        raise UserInputError(f"config.eval.judge={judge!r}: expected 'pretrain', 'base', 'none' or an HF model "
+                             "directory (no such directory)")
+    if judge == "pretrain" and config.model.get("source", "random") != "random":
+        raise UserInputError(f"config.eval.judge='pretrain' pretrains a judge like the tiny base model, but "
+                             f"config.model.source={config.model.source!r}: use 'base' or an HF model directory")
+    width, steps = config.eval.get("judge_width", 1.5), config.eval.get("judge_steps", 0)
+    if not (isinstance(width, (int, float)) and width > 0) or not (isinstance(steps, int) and steps >= 0):
+        raise UserInputError(f"config.eval.judge_width={width!r} / judge_steps={steps!r}: expected a width factor "
+                             "> 0 and a step count >= 0 (0: half of config.base.steps)")
+    limit = config.eval.get("protocol_max_prompts", 0)
+    if not (isinstance(limit, int) and limit >= 0):
+        raise UserInputError(f"config.eval.protocol_max_prompts={limit!r}: expected an integer >= 0 (0 = all prompts)")
 
 
 def build_oracle(config, corpus, name: str, args: Mapping):

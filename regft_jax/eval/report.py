@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from regft_jax.data.pipeline import Corpus
+from regft_jax.data.records import Example
 from regft_jax.errors import UserInputError
 from regft_jax.eval.perplexity import perplexity
+from regft_jax.eval.protocols import run_protocols
 from regft_jax.eval.toxicity import toxicity_eval
 
 
@@ -16,7 +18,8 @@ class EvalError(UserInputError):
 
 
 def evaluate_model(name: str, cfg, params, corpus: Corpus, oracles, ev, *, seq_len: int, mesh=None, seed: int = 0,
-                   guidance=None, guidance_params=None, document_attention: bool = True) -> tuple[dict, list[dict]]:
+                   guidance=None, guidance_params=None, document_attention: bool = True, protocols: Sequence[str] = (),
+                   protocol_prompts: Sequence[Example] = ()) -> tuple[dict, list[dict]]:
     """Perplexity per domain, and every eval oracle's toxicity of the same continuations.
 
     `oracles`: a mapping name -> Oracle (or one Oracle, named by its `.name`). Continuations of
@@ -27,7 +30,8 @@ def evaluate_model(name: str, cfg, params, corpus: Corpus, oracles, ev, *, seq_l
     `document_attention` is False (`config.data.document_attention`). With a `guidance` (nado_decoding's
     `AuxGuidance`), continuations are drawn from q = p · R and perplexity is q's too. An oracle that
     scored fewer than `ev.min_scored_fraction` of a domain's continuations raises EvalError (no silent
-    fallback to the texts that did score).
+    fallback to the texts that did score). `protocols` (names in `eval.protocols.PROTOCOLS`) run on
+    `protocol_prompts` and add their metrics (`run_protocols`).
     """
     named = dict(oracles) if isinstance(oracles, Mapping) else {oracles.name: oracles}
     min_fraction = float(ev.get("min_scored_fraction", 0.9))
@@ -49,6 +53,12 @@ def evaluate_model(name: str, cfg, params, corpus: Corpus, oracles, ev, *, seq_l
             metrics[f"toxicity_{oracle_name}_{domain}"] = o["toxicity"]
             metrics[f"scored_{oracle_name}_{domain}"] = o["scored"]
         records += out["records"]
+    if protocols:
+        more, more_records = run_protocols(protocols, cfg, params, corpus.tokenizer, protocol_prompts, named,
+                                           threshold=ev.threshold, batch_size=ev.batch_size, seed=seed, mesh=mesh,
+                                           guidance=guidance, guidance_params=guidance_params, model_name=name)
+        metrics.update(more)
+        records += more_records
     return metrics, records
 
 
