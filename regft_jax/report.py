@@ -145,7 +145,8 @@ def plots(summary: dict, runs: list[dict], run_dirs, out_dir: str) -> list[str]:
                 if pts:
                     ax.plot(*zip(*pts), label=term)
             ax.set_title(m, fontsize=9)
-            ax.legend(fontsize=7, loc="upper right")
+            if ax.lines:
+                ax.legend(fontsize=7, loc="upper right")
         axes[-1, 0].set_xlabel("step")
         fig.tight_layout()
         written.append(os.path.join(out_dir, "training_curves.png"))
