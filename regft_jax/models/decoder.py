@@ -298,22 +298,18 @@ class Decoder(nnx.Module):
         return self.final_norm(x), new_cache
 
     def _unrolled(self, graphdef, layers: tuple, x: Array, positions: Array, mask: Array, cache: Optional[dict]):
-        """The layers one after another on their own weight (and, with a per-layer cache, KV) buffers:
-        nothing is sliced out of a stacked array, which XLA on CPU copies at every decode step."""
-        per_layer = cache is not None and isinstance(cache["k"], tuple)
-        ks, vs = (None, None) if cache is None else (list(cache["k"]) if per_layer else cache["k"],
-                                                     list(cache["v"]) if per_layer else cache["v"])
+        """The layers one after another on their own weight and KV buffers (a per-layer cache,
+        `core.init_cache(per_layer=True)`): nothing is sliced out of a stacked array, which XLA on CPU
+        copies at every decode step."""
+        if cache is not None and not isinstance(cache["k"], tuple):
+            raise ValueError("unstacked params decode with a per-layer KV cache: core.init_cache(..., per_layer=True)")
+        ks, vs = (None, None) if cache is None else (list(cache["k"]), list(cache["v"]))
         for i, params in enumerate(layers):
-            block = nnx.merge(graphdef, params)
-            if cache is None:
-                x, _ = block(x, positions, mask, None)
-            elif per_layer:
-                x, (ks[i], vs[i]) = block(x, positions, mask, (ks[i], vs[i], None, cache["index"]))
-            else:
-                x, (ks, vs) = block(x, positions, mask, (ks, vs, i, cache["index"]))
-        new_cache = None
-        if cache is not None:
-            new_cache = {**cache, "k": tuple(ks) if per_layer else ks, "v": tuple(vs) if per_layer else vs}
+            kv = None if cache is None else (ks[i], vs[i], None, cache["index"])
+            x, new_kv = nnx.merge(graphdef, params)(x, positions, mask, kv)
+            if cache is not None:
+                ks[i], vs[i] = new_kv
+        new_cache = None if cache is None else {**cache, "k": tuple(ks), "v": tuple(vs)}
         return self.final_norm(x), new_cache
 
     def logits(self, h: Array) -> Array:
