@@ -135,11 +135,15 @@ def get_config() -> ml_collections.ConfigDict:
     # orders, regft_jax/eval/quality.py): "pretrain" = a separately pretrained general-domain LM judge_width
     # times as wide as the base model, judge_steps steps (0: half of base.steps; cached like the base model),
     # "base" = the base model, an HF model directory (prompted "which continuation is better"), or "none".
+    # save_models: the base and detox stages also write every evaluated model (LoRA merged; nado_decoding with its
+    # auxiliary model) to <workdir>/models/<name>/ with the tokenizer, for lm-eval: python -m regft_jax.eval.harness
+    # --model regft_jax --model_args pretrained=<workdir>/models/ours (regft_jax/eval/export.py; off: a 7B model
+    # is ~14-28 GB).
     c.eval = ml_collections.ConfigDict({
         "oracles": "profanity,insult_classifier", "oracle_args": ml_collections.ConfigDict(),
         "min_scored_fraction": 0.9, "threshold": 0.5, "max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9,
         "batch_size": 64, "protocols": "", "protocol_prompts": "", "protocol_max_prompts": 0, "judge": "pretrain",
-        "judge_width": 1.5, "judge_steps": 0})
+        "judge_width": 1.5, "judge_steps": 0, "save_models": False})
 
     # Throughput: every log_every steps of pretraining, SFT and ours, tokens/s and model-FLOPs utilization
     # (regft_jax/train/throughput.py) are printed and logged (0: never). peak_tflops: the peak TFLOP/s of

@@ -3,6 +3,7 @@
 Layout of a model checkpoint directory CKPT:
     CKPT/model_config.json   the ModelConfig (architecture and numerics)
     CKPT/params/             orbax PyTree checkpoint of the parameters
+(an auxiliary model, `models.aux`, is saved the same way and restored with `load_aux_model`).
 A run checkpoint directory (`RunCheckpointer`) holds one orbax step directory per saved step,
 each with `state/` (a pytree of arrays: train states, sample buffers) and `meta/` (JSON:
 schedule position, metric history, a fingerprint of the config that produced it).
@@ -23,6 +24,7 @@ from regft_jax import multihost
 from regft_jax import sharding as shd
 from regft_jax.errors import UserInputError
 from regft_jax.models import ModelConfig, abstract_params, param_logical_axes
+from regft_jax.models.aux import aux_abstract_params, aux_logical_axes
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -51,13 +53,23 @@ def load_model_config(path: str) -> ModelConfig:
 def load_model(path: str, *, mesh=None, rules=None, **runtime) -> tuple[ModelConfig, dict]:
     """Restore (cfg, params) saved by `save_model`, sharded on `mesh` (default: all devices on
     "fsdp"). `runtime` overrides numerics fields of the config (dtype, scan_layers, remat)."""
+    return _restore(path, abstract_params, param_logical_axes, mesh, rules, runtime)
+
+
+def load_aux_model(path: str, *, mesh=None, rules=None, **runtime) -> tuple[ModelConfig, dict]:
+    """Restore (aux cfg, aux params) of an auxiliary model (`models.aux`: trunk + head) saved by `save_model`,
+    like `load_model`."""
+    return _restore(path, aux_abstract_params, aux_logical_axes, mesh, rules, runtime)
+
+
+def _restore(path: str, abstract_fn, logical_axes_fn, mesh, rules, runtime: dict) -> tuple[ModelConfig, dict]:
     path = os.path.abspath(path)
     cfg = load_model_config(path)
     if runtime:
         cfg = cfg.replace(**runtime)
     mesh = mesh if mesh is not None else shd.make_mesh()
-    abstract = abstract_params(cfg)
-    shardings = shd.param_shardings(mesh, param_logical_axes(cfg), abstract, rules)
+    abstract = abstract_fn(cfg)
+    shardings = shd.param_shardings(mesh, logical_axes_fn(cfg), abstract, rules)
     target = shd.abstract_on(abstract, shardings)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(path, PARAMS_DIR), target)

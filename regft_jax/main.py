@@ -28,6 +28,11 @@ results.json (base and detox):
   (model names: those of config.methods). generations.jsonl: one record per model and prompt with
   "scores": {"<oracle>": P(violation) or null}.
 
+models/<model>/ (base and detox, with config.eval.save_models=True): each evaluated model (LoRA merged) as a
+regft_jax model checkpoint with the tokenizer, nado_decoding's with its auxiliary model in aux/ (that model is
+q = p_base · R), for lm-eval: `python -m regft_jax.eval.harness --model regft_jax --model_args
+pretrained=<workdir>/models/ours` (regft_jax/eval/export.py).
+
 Exit status: 0 done; 2 a bad config value (one line naming it); 75 (`preemption.EXIT_CODE`) stopped by
 SIGTERM/SIGINT during training after checkpointing at the next step boundary: run the same command
 again to resume.
@@ -227,6 +232,19 @@ def _quality(config, results: dict, records: list, mesh, corpus, cfg, base_param
     print(format_win_rates(report["win_rates"]))
 
 
+def _save_models(config, workdir: str, models: dict, corpus, cfg) -> None:
+    """With config.eval.save_models: every model to <workdir>/models/<name>/ for lm-eval (`eval.export`; every
+    process takes part, process 0 writes the files)."""
+    if not config.eval.get("save_models", False):
+        return
+    from regft_jax.eval.export import save_models
+
+    root = os.path.join(workdir, "models")
+    names = ", ".join(save_models(root, models, cfg, corpus.tokenizer))
+    print(f"models saved in {root}/: {names} (lm-eval: python -m regft_jax.eval.harness --model regft_jax "
+          f"--model_args pretrained={root}/<name> --tasks ...)", flush=True)
+
+
 def run_base(config, workdir: str) -> dict:
     import jax
 
@@ -234,7 +252,9 @@ def run_base(config, workdir: str) -> dict:
     _, judges, report = _oracles(config, corpus, training=False)
     from regft_jax.train.baselines import Trained
 
-    results, records = _evaluate(config, {"base": Trained(params)}, mesh, corpus, cfg, judges, {}, params)
+    models = {"base": Trained(params)}
+    _save_models(config, workdir, models, corpus, cfg)
+    results, records = _evaluate(config, models, mesh, corpus, cfg, judges, {}, params)
     results["judges"] = report
     if jax.process_index() == 0:
         _write_jsonl(os.path.join(workdir, "generations.jsonl"), records)
@@ -288,6 +308,7 @@ def run_detox(config, workdir: str) -> dict:
         if name not in ("sft", "filtering") and keys:
             print(summarize(models[name].history, keys))
 
+    _save_models(config, workdir, models, corpus, cfg)
     results, records = _evaluate(config, models, mesh, corpus, cfg, judges, timings, base)
     results["judges"] = report
     if jax.process_index() == 0:

@@ -15,6 +15,7 @@ from regft_jax import models
 from regft_jax.data import train_bpe_tokenizer
 from regft_jax.data.pipeline import build_corpus
 from regft_jax.eval import perplexity, toxicity_eval
+from regft_jax.eval.export import load_model_dir
 from regft_jax.oracles import make_oracle
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,6 +142,13 @@ def test_toxicity_eval_counts_flagged_continuations_and_masks_failures(tmp_path)
     expected = np.mean([float("e" in t) for t in texts[1:]])
     assert out["scored"] == len(texts) - 1 and out["toxicity"] == pytest.approx(expected)
     assert {r["model"] for r in out["records"]} == {"m"}
+    # stop: the same continuations, each cut before its first "e"; the oracle scores the cut texts
+    cut = toxicity_eval(cfg, params, corpus.tokenizer, corpus.prompts["toxic"], oracle, max_new_tokens=6,
+                        temperature=1.0, seed=3, stop="e")
+    assert [r["continuation"] for r in cut["records"]] == [t.split("e", 1)[0] for t in texts] == calls[-1]
+    assert [bool(r.get("stopped")) for r in cut["records"]] == ["e" in t for t in texts]
+    assert cut["stopped"] == pytest.approx(np.mean(["e" in t for t in texts])) and 0 < cut["stopped"] < 1
+    assert cut["toxicity"] == 0.0
 
 
 def test_base_stage_end_to_end_and_cached(tmp_path):
@@ -172,8 +180,14 @@ def test_base_stage_end_to_end_and_cached(tmp_path):
     assert results["base"]["ppl_toxic"] < 300  # better than uniform over the vocabulary
     lines = (tmp_path / "run" / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 15 and json.loads(lines[0])["model"] == "base"
-    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # ... and, with eval.save_models, exported for lm-eval (with the tokenizer; loaded: tests/test_export.py)
+    second = subprocess.run(args + ["--config.eval.save_models=True"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
     assert second.returncode == 0 and "cached at" in second.stdout and "pretraining" not in second.stdout
+    saved = tmp_path / "run" / "models" / "base"
+    assert f"models saved in {saved.parent}/: base" in second.stdout and (saved / "tokenizer.json").is_file()
+    cfg, _, guidance, _ = load_model_dir(str(saved))
+    assert cfg.num_layers == 1 and cfg.hidden_size == 32 and guidance is None
     assert json.loads((tmp_path / "run" / "results.json").read_text())["base"]["ppl_toxic"] == pytest.approx(
         results["base"]["ppl_toxic"], rel=1e-6)
     # The paper's protocols on a toxiGen.json file (the first 2 of 3 prompts): ToxiGen once each, RTP 25 each.

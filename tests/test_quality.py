@@ -79,3 +79,30 @@ def test_fluency_and_judges_equal_brute_force_likelihoods(lm):
     la, _ = _brute_logprob(cfg, params, tok, question, " A")
     lb, _ = _brute_logprob(cfg, params, tok, question, " B")
     np.testing.assert_allclose(got, [np.exp(la) / (np.exp(la) + np.exp(lb))], rtol=1e-4)
+
+
+def test_quality_report_scores_each_continuation_once_for_fluency_and_win_rates(lm, monkeypatch):
+    from regft_jax.eval import quality
+
+    cfg, params, tok = lm
+    conts = {"a": ["good friend of mine", "is nice today"], "b": ["idiot idiot", ""], "c": ["good friend of mine", "x"]}
+    records = [{"model": m, "domain": "toxic", "prompt": p, "continuation": c}
+               for m, texts in conts.items() for p, c in zip(["you are a", "the weather"], texts)]
+    records.append({"model": "a", "domain": "toxic", "prompt": "you are a", "continuation": "ok", "protocol": "rtp"})
+    expected_fluency = {m: fluency(cfg, params, tok, ["you are a", "the weather"], t) for m, t in conts.items()}
+    expected_wins = win_rate_matrix(LikelihoodJudge(cfg, params, tok), ["the weather", "you are a"],
+                                    {m: t[::-1] for m, t in conts.items()})
+    scored = []
+    real = quality.continuation_logprobs
+
+    def counting(cfg, params, tokenizer, prompts, texts, **kw):
+        scored.extend(zip(prompts, texts))
+        return real(cfg, params, tokenizer, prompts, texts, **kw)
+
+    monkeypatch.setattr(quality, "continuation_logprobs", counting)
+    judge = quality.JudgeLM(LikelihoodJudge(cfg, params, tok), cfg, params, tok, "test")
+    report = quality.quality_report(judge, records, "toxic")
+    assert sorted(scored) == sorted({(r["prompt"], r["continuation"]) for r in records if "protocol" not in r})
+    for m in conts:
+        assert report["models"][m]["fluency"] == pytest.approx(expected_fluency[m], rel=1e-5)
+    assert report["win_rates"] == expected_wins and report["prompts"] == 2

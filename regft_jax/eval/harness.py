@@ -4,11 +4,21 @@
     python -m regft_jax.eval.harness --model regft_jax --model_args pretrained=DIR --tasks piqa,boolq --batch_size 32
 
 `python -m regft_jax.eval.harness` is lm-eval's own command line (`lm_eval ...`, every flag) with this
-backend registered. DIR: an HF Llama/Falcon directory (`config.json` + safetensors) or a regft_jax model
-checkpoint (`checkpoint.save_model`; give `tokenizer=HF_TOKENIZER_DIR` unless DIR holds one). Model args:
-pretrained, tokenizer, batch_size (default 32), max_length (default: the model's max_seq_len),
+backend registered. DIR: an HF Llama/Falcon directory (`config.json` + safetensors), a regft_jax model
+checkpoint (`checkpoint.save_model`) or a model `python -m regft_jax.main --config.eval.save_models=True`
+exported (`<workdir>/models/<name>`, `eval.export`); give `tokenizer=HF_TOKENIZER_DIR` unless DIR holds one.
+Model args: pretrained, tokenizer, batch_size (default 32), max_length (default: the model's max_seq_len),
 max_gen_toks (default 256), add_bos_token (default: the tokenizer's choice, like lm-eval's `hf` backend),
-dtype (compute dtype, default the checkpoint's).
+dtype (compute dtype, default the checkpoint's), mesh (default `data:-1`: every local device on the "data"
+axis, the parameters replicated; `AXIS:SIZE[/AXIS:SIZE...]` over data, fsdp and tensor as `config.mesh`,
+e.g. `fsdp:-1` shards the parameters too, `data:2/tensor:4`; without a -1, the first SIZE x ... local
+devices). Every jitted batch is sharded over the data-parallel devices (data x fsdp) and padded to a
+multiple of their number.
+
+A guided model (NADO decoding: DIR/aux holds its auxiliary model R = σ(z_φ), `eval.export`) is the model
+q = p · R, logits_q = logits + log σ(z_φ): `loglikelihood` and `loglikelihood_rolling` are log q
+(`eval.perplexity.loglikelihoods` under the `AuxGuidance`; greedy = argmax of q) and `generate_until` samples
+from q (the KV-cache sampler with the guidance), as `main` evaluates it.
 
 Requests are scored exactly as lm-eval's `hf` backend tokenizes them (`TemplateLM`: the context's trailing
 spaces move to the continuation, the pair is encoded whole and split; empty contexts get the BOS/EOS
@@ -20,8 +30,9 @@ the first stop string.
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Optional
+from typing import Mapping, Optional, Union
 
 import numpy as np
 import lm_eval.models  # noqa: F401  (lm-eval's own backends first: its registry loads them only while empty)
@@ -31,6 +42,34 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from regft_jax.errors import UserInputError
+
+
+MESH_HELP = ("AXIS:SIZE[/AXIS:SIZE...] with axes data, fsdp, tensor (one SIZE may be -1), e.g. data:-1 or "
+             "data:2/tensor:4")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def local_mesh(spec: Union[str, Mapping[str, int]] = "data:-1"):
+    """The mesh of model arg `mesh` (see the module docstring) on this process's devices: a -1 axis takes
+    every remaining local device, else the first product-of-sizes local devices are used."""
+    import jax
+
+    from regft_jax import sharding
+
+    shape = spec
+    if not isinstance(spec, Mapping):
+        try:
+            shape = {axis: int(size) for axis, size in (part.split(":") for part in str(spec).split("/"))}
+        except ValueError:
+            raise UserInputError(f"regft_jax model_args mesh={spec!r}: expected {MESH_HELP}") from None
+    devices = jax.local_devices()
+    if -1 not in shape.values():
+        devices = devices[:math.prod(shape.values())]
+    try:
+        return sharding.make_mesh(dict(shape), devices)
+    except UserInputError as e:
+        raise UserInputError(f"regft_jax model_args mesh={spec!r}: {e} (local devices: {len(jax.local_devices())})") \
+            from None
 
 
 def _bool(value) -> Optional[bool]:
@@ -44,21 +83,21 @@ class RegftLM(TemplateLM):
     """lm-eval's model interface on a regft_jax model (loglikelihood, loglikelihood_rolling, generate_until)."""
 
     def __init__(self, pretrained: str, tokenizer: Optional[str] = None, batch_size=32, max_length=None,
-                 max_gen_toks: int = 256, add_bos_token=None, dtype: Optional[str] = None, **unused):
+                 max_gen_toks: int = 256, add_bos_token=None, dtype: Optional[str] = None, mesh="data:-1",
+                 **unused):
         super().__init__()
         import transformers
 
-        from regft_jax import checkpoint
-        from regft_jax.models import load_hf
+        from regft_jax.eval.export import load_model_dir
 
         if not os.path.isdir(pretrained):
             raise UserInputError(f"regft_jax model_args pretrained={pretrained!r}: no such directory")
-        runtime = {"dtype": dtype} if dtype else {}
-        if os.path.isfile(os.path.join(pretrained, checkpoint.CONFIG_FILE)) and not os.path.isfile(
-                os.path.join(pretrained, "config.json")):
-            self.cfg, self.params = checkpoint.load_model(pretrained, **runtime)
-        else:
-            self.cfg, self.params = load_hf(pretrained, **runtime)
+        if tokenizer is None and not any(os.path.isfile(os.path.join(pretrained, f)) for f in TOKENIZER_FILES):
+            raise UserInputError(f"regft_jax model_args pretrained={pretrained!r} holds no tokenizer "
+                                 f"({', '.join(TOKENIZER_FILES)}): give tokenizer=HF_TOKENIZER_DIR")
+        self.mesh = local_mesh(mesh)
+        self.cfg, self.params, self.guidance, self.guidance_params = load_model_dir(
+            pretrained, mesh=self.mesh, **({"dtype": dtype} if dtype else {}))
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer or pretrained)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32  # "auto" -> 32
         self._max_length = int(max_length) if max_length else self.cfg.max_seq_len
@@ -114,7 +153,8 @@ class RegftLM(TemplateLM):
                           desc="regft_jax loglikelihoods"):
             part = pairs[start:start + chunk]
             logl[start:start + len(part)], greedy[start:start + len(part)] = loglikelihoods(
-                self.cfg, self.params, part, batch_size=self.batch_size, pad_id=pad)
+                self.cfg, self.params, part, guidance=self.guidance, guidance_params=self.guidance_params,
+                batch_size=self.batch_size, mesh=self.mesh, pad_id=pad)
         return logl, greedy
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -165,7 +205,8 @@ class RegftLM(TemplateLM):
                        [self.prefix_token_id] for i in idx]
             ids = sampling.generate(self.cfg, self.params, prompts, max_new_tokens=n, temperature=temperature,
                                     top_p=float(kw.get("top_p", 1.0) or 1.0), eos_id=self.eot_token_id,
-                                    pad_id=self.tokenizer.pad_token_id or 0, batch_size=self.batch_size)
+                                    pad_id=self.tokenizer.pad_token_id or 0, batch_size=self.batch_size,
+                                    mesh=self.mesh, guidance=self.guidance, guidance_params=self.guidance_params)
             for i, text in zip(idx, self.tokenizer.batch_decode(ids, skip_special_tokens=False)):
                 for stop in until:
                     text = text.split(stop)[0] if stop else text

@@ -89,6 +89,8 @@ def check_oracle_config(config) -> None:
     if not (isinstance(width, (int, float)) and width > 0) or not (isinstance(steps, int) and steps >= 0):
         raise UserInputError(f"config.eval.judge_width={width!r} / judge_steps={steps!r}: expected a width factor "
                              "> 0 and a step count >= 0 (0: half of config.base.steps)")
+    if not isinstance(config.eval.get("save_models", False), bool):
+        raise UserInputError(f"config.eval.save_models={config.eval.save_models!r}: expected True or False")
     limit = config.eval.get("protocol_max_prompts", 0)
     if not (isinstance(limit, int) and limit >= 0):
         raise UserInputError(f"config.eval.protocol_max_prompts={limit!r}: expected an integer >= 0 (0 = all prompts)")

@@ -86,7 +86,10 @@ def continuation_logprobs(cfg, params, tokenizer, prompts: Sequence[str], contin
 
 def fluency(cfg, params, tokenizer, prompts: Sequence[str], continuations: Sequence[str], **kw) -> float:
     """Perplexity of the continuations given their prompts under a (judge) LM: exp(−Σ log p / Σ tokens)."""
-    logl, counts = continuation_logprobs(cfg, params, tokenizer, prompts, continuations, **kw)
+    return _perplexity(*continuation_logprobs(cfg, params, tokenizer, prompts, continuations, **kw))
+
+
+def _perplexity(logl: np.ndarray, counts: np.ndarray) -> float:
     return float(np.exp(-logl.sum() / max(counts.sum(), 1.0)))
 
 
@@ -96,18 +99,21 @@ class LikelihoodJudge:
 
     def __init__(self, cfg, params, tokenizer, *, batch_size: int = 32, mesh=None):
         self.cfg, self.params, self.tokenizer, self.kw = cfg, params, tokenizer, dict(batch_size=batch_size, mesh=mesh)
-        self._scores: dict[tuple[str, str], float] = {}  # every (prompt, text) is scored once across comparisons
+        # (log-likelihood, token count) of every (prompt, text), scored once across comparisons and fluency
+        self._scores: dict[tuple[str, str], tuple[float, float]] = {}
 
-    def _mean(self, prompts, texts):
+    def logprobs(self, prompts, texts) -> tuple[np.ndarray, np.ndarray]:
+        """`continuation_logprobs` of the texts under the judge's LM, each (prompt, text) scored only once."""
         new = list(dict.fromkeys((p, t) for p, t in zip(prompts, texts) if (p, t) not in self._scores))
         if new:
             logl, counts = continuation_logprobs(self.cfg, self.params, self.tokenizer, [p for p, _ in new],
                                                  [t for _, t in new], **self.kw)
-            self._scores.update(zip(new, (logl / counts).tolist()))
-        return np.array([self._scores[(p, t)] for p, t in zip(prompts, texts)])
+            self._scores.update(zip(new, zip(logl.tolist(), counts.tolist())))
+        scores = np.array([self._scores[(p, t)] for p, t in zip(prompts, texts)], np.float64).reshape(-1, 2)
+        return scores[:, 0], scores[:, 1]
 
     def __call__(self, prompts, first, second) -> np.ndarray:
-        a, b = self._mean(prompts, first), self._mean(prompts, second)
+        a, b = (np.divide(*self.logprobs(prompts, texts)) for texts in (first, second))
         return np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
 
 
@@ -200,10 +206,13 @@ def quality_report(lm: JudgeLM, records: Sequence[dict], domain: str) -> dict:
         return {}
     shared = sorted(set.intersection(*(set(v) for v in by_model.values())))
     out = {"models": {}}
+    # a likelihood judge's LM is the fluency LM: its memoized scores serve both (each text is scored once)
+    score = (lm.judge.logprobs if isinstance(lm.judge, LikelihoodJudge) else
+             lambda prompts, texts: continuation_logprobs(lm.cfg, lm.params, lm.tokenizer, prompts, texts))
     for name, conts in by_model.items():
         texts = list(conts.values())
         out["models"][name] = {f"distinct_{n}": distinct_n(texts, n) for n in (1, 2, 3)}
-        out["models"][name]["fluency"] = fluency(lm.cfg, lm.params, lm.tokenizer, list(conts), texts)
+        out["models"][name]["fluency"] = _perplexity(*score(list(conts), texts))
     out["win_rates"] = win_rate_matrix(lm.judge, shared, {m: [c[p] for p in shared] for m, c in by_model.items()})
     out["prompts"] = len(shared)
     return out

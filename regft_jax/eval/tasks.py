@@ -8,15 +8,15 @@ writes `regft_cloze.yaml` + `regft_cloze.jsonl` (a 4-way cloze on held-out gener
 first 60% of a document's words, then its next `--words` words or the same number of words from three
 other held-out documents; accuracy by log-likelihood, `acc` and length-normalized `acc_norm`) and, with
 `--export_base` (default on), the configured base model (pretrained and cached as `main` does) as an HF
-directory `base_model/` with the corpus tokenizer. Any checkpoint exported with `models.save_hf` plus that
-tokenizer runs the same way; a model that learned the domain does better than the 25% of chance.
+directory `base_model/` with the corpus tokenizer (`eval.export.export_model`). Any model exported with
+`eval.export` (e.g. by `main --config.eval.save_models=True`) runs the same way; a model that learned the
+domain does better than the 25% of chance.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Sequence
 
 import numpy as np
@@ -90,15 +90,11 @@ def main(argv=None) -> None:
     print(f"{write_task(args.out, docs)}: {len(docs)} held-out {'/'.join(general)} documents, 4 choices")
     if args.export_base:
         from regft_jax import sharding
-        from regft_jax.models import save_hf
+        from regft_jax.eval.export import export_model
         from regft_jax.train.base_model import base_model
 
         cfg, params, _ = base_model(config, sharding.make_mesh(dict(config.mesh)), corpus)
-        out = os.path.join(args.out, "base_model")
-        save_hf(cfg, params, out)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if os.path.isfile(os.path.join(corpus.tokenizer.name, name)):
-                shutil.copy(os.path.join(corpus.tokenizer.name, name), out)
+        out = export_model(os.path.join(args.out, "base_model"), cfg, params, corpus.tokenizer, hf=True)
         print(f"{out}: the base model ({cfg.num_params() / 1e6:.2f}M params) and its tokenizer, for "
               f"--model regft_jax --model_args pretrained={out} (or --model hf)")
 
