@@ -173,6 +173,8 @@ def paper_config(family: str, arg: Optional[str] = None) -> ml_collections.Confi
     c.eval.update({"oracles": "hf_classifier,insult_classifier", "temperature": 0.1, "top_p": 0.9,
                    "max_new_tokens": 32, "threshold": 0.5, "batch_size": hw.eval_batch_size,
                    "judge": "base"})  # fluency under the base model; an instruction LM's directory for win rates
+    # The classify stage asks about ToxiGen's label (hateful); for Jigsaw, data.hub.toxic = civil_comments.
+    c.classify.template = "\nToxic:"
     c.optim.learning_rate = 1e-5
     c.train = ml_collections.ConfigDict({"steps": 100, "batch_size": hw.batch_size, "seq_len": 1024})
 

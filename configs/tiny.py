@@ -10,7 +10,7 @@ from regft_jax.config_utils import arch_config
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = "detox"  # detox (base vs SFT vs ours) | base (base model + evaluation) | smoke
+    c.stage = "detox"  # detox (base vs SFT vs ours) | classify (c.classify) | base (base model + evaluation) | smoke
     # detox: the models trained and evaluated, in this order (regft_jax/train/methods.py), or "all": base, sft,
     # filtering, rl, dpo, nado_decoding, ours, ours_noadaptive (one λ everywhere), ours_sequential
     c.methods = "base,sft,ours"
@@ -78,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
         "accum_steps": 1,  # gradient accumulation: microbatches per step (divides every domain's rows)
         "sample_domains": ("toxic",), "samples_per_iteration": 256, "sample_batch_size": 8,
         "sample_tokens": 32, "sample_temperature": 1.0, "sample_top_p": 1.0,
+        # a sampled continuation ends before this text (masked from there: not labeled, not trained on; "" = none;
+        # the classify stage sets classify.template: what follows is the model labeling its own text)
+        "sample_stop": "",
         "label_text": "continuation",  # what the oracle labels: continuation | full (prompt + continuation)
         "importance_weights": True,  # weight samples by p_ref(y)/proposal(y) in the aux loss (self-normalized)
         # Where Ω_tox applies: corpus (its domain's corpus positions) | samples (prefixes of the sampled
@@ -135,15 +138,27 @@ def get_config() -> ml_collections.ConfigDict:
     # orders, regft_jax/eval/quality.py): "pretrain" = a separately pretrained general-domain LM judge_width
     # times as wide as the base model, judge_steps steps (0: half of base.steps; cached like the base model),
     # "base" = the base model, an HF model directory (prompted "which continuation is better"), or "none".
-    # save_models: the base and detox stages also write every evaluated model (LoRA merged; nado_decoding with its
-    # auxiliary model) to <workdir>/models/<name>/ with the tokenizer, for lm-eval: python -m regft_jax.eval.harness
-    # --model regft_jax --model_args pretrained=<workdir>/models/ours (regft_jax/eval/export.py; off: a 7B model
-    # is ~14-28 GB).
+    # save_models: the base, detox and classify stages also write every evaluated model (LoRA merged; nado_decoding
+    # with its auxiliary model) to <workdir>/models/<name>/ with the tokenizer, for lm-eval: python -m
+    # regft_jax.eval.harness --model regft_jax --model_args pretrained=<workdir>/models/ours (regft_jax/eval/export.py;
+    # off: a 7B model is ~14-28 GB).
     c.eval = ml_collections.ConfigDict({
         "oracles": "profanity,insult_classifier", "oracle_args": ml_collections.ConfigDict(),
         "min_scored_fraction": 0.9, "threshold": 0.5, "max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9,
         "batch_size": 64, "protocols": "", "protocol_prompts": "", "protocol_max_prompts": 0, "judge": "pretrain",
         "judge_width": 1.5, "judge_steps": 0, "save_models": False})
+
+    # The `classify` stage (the paper's Jigsaw experiment; regft_jax/eval/classify.py): fine-tune the LLM to classify
+    # the toxic domain's labeled training comments as "<comment><template><label word>" rows (labels = (negative,
+    # positive) words; a long comment keeps its last tokens), with the method's mixture (these rows are the toxic
+    # domain's), optimizer and number of LLM steps. variants: base (untouched), sft (LM loss on every token), ours
+    # (sft + the method's regularizer, config.method), sft_label (loss on the label word only). Each is scored by
+    # ROC-AUC on the toxic domain's held-out labeled comments (its validation split; the first max_test, 0 = all),
+    # score = P(positive word) normalized over the two words, and evaluated like the detox models (toxicity of free
+    # continuations of held-out prompts per eval oracle, perplexity). Jigsaw: --config.data.source=hub with
+    # data.hub.toxic = {"loader": "civil_comments", "name": "google/civil_comments", ...}.
+    c.classify = ml_collections.ConfigDict({"variants": "base,sft,ours,sft_label", "template": "\nInsult:",
+                                            "labels": (" no", " yes"), "max_test": 0})
 
     # Throughput: every log_every steps of pretraining, SFT and ours, tokens/s and model-FLOPs utilization
     # (regft_jax/train/throughput.py) are printed and logged (0: never). peak_tflops: the peak TFLOP/s of

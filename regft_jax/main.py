@@ -9,6 +9,11 @@ Stages (config.stage):
           when model.source="random", else loaded) → held-out perplexity per domain and the eval
           oracles' toxicity of continuations of held-out prompts per domain. Writes results.json
           and generations.jsonl to the work directory.
+  classify  the paper's Jigsaw experiment (regft_jax/eval/classify.py, config.classify): corpus → base model →
+          each variant (base, sft, ours, sft_label) fine-tuned to classify the toxic domain's labeled comments
+          ("<comment><template><label word>" rows) → ROC-AUC on the held-out labeled comments, and the detox
+          evaluation of its free continuations (cut before the template). results.json: the detox keys plus
+          "auc", "auc_se", "test_n", "test_positive", "stopped_<domain>" per variant.
   smoke   build the model on the mesh and run `train.steps` SFT steps on synthetic tokens;
           prints the mesh, parameter count, losses and throughput.
 
@@ -28,7 +33,7 @@ results.json (base and detox):
   (model names: those of config.methods). generations.jsonl: one record per model and prompt with
   "scores": {"<oracle>": P(violation) or null}.
 
-models/<model>/ (base and detox, with config.eval.save_models=True): each evaluated model (LoRA merged) as a
+models/<model>/ (base, detox and classify, with config.eval.save_models=True): each evaluated model (LoRA merged) as a
 regft_jax model checkpoint with the tokenizer, nado_decoding's with its auxiliary model in aux/ (that model is
 q = p_base · R), for lm-eval: `python -m regft_jax.eval.harness --model regft_jax --model_args
 pretrained=<workdir>/models/ours` (regft_jax/eval/export.py).
@@ -64,7 +69,7 @@ def _validate(config) -> None:
     from regft_jax.train.throughput import check_config as check_throughput_config
 
     check_throughput_config(config)
-    if config.stage in ("base", "detox"):  # fail before minutes of pretraining, not after
+    if config.stage in ("base", "classify", "detox"):  # fail before minutes of pretraining, not after
         from regft_jax.eval.judges import check_oracle_config
 
         check_oracle_config(config)
@@ -80,6 +85,11 @@ def _validate(config) -> None:
         from regft_jax.train.methods import check_methods_config
 
         check_methods_config(config, mesh)  # each selected method's keys; batch sizes vs data-parallel size
+    if config.stage == "classify":
+        from regft_jax.eval.classify import check_classify_config
+        from regft_jax.train.methods import check_methods_config
+
+        check_methods_config(config, mesh, check_classify_config(config))
 
 
 def run_smoke(config, workdir: str) -> dict:
@@ -139,8 +149,9 @@ def _write_jsonl(path: str, records) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _prepare(config):
-    """The mesh, the corpus and the base model every stage after `smoke` starts from."""
+def _prepare(config, check_corpus=None):
+    """The mesh, the corpus and the base model every stage after `smoke` starts from; check_corpus(corpus) runs
+    before the base model is loaded or pretrained (a stage's data errors come first)."""
     import jax
 
     from regft_jax import sharding
@@ -151,6 +162,8 @@ def _prepare(config):
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
     corpus = build_corpus(config.data, seed=config.seed)
     print(f"corpus: {corpus.summary()}; tokenizer vocab {corpus.tokenizer.vocab_size}")
+    if check_corpus is not None:
+        check_corpus(corpus)
     cfg, params, _ = base_model(config, mesh, corpus)
     return mesh, corpus, cfg, params
 
@@ -169,8 +182,10 @@ def _oracles(config, corpus, *, training: bool):
     return train, judges, report
 
 
-def _evaluate(config, models: dict, mesh, corpus, cfg, judges: dict, timings: dict, base_params) -> tuple[dict, list]:
-    """Every model judged by every eval oracle; prints the table. (results, generation records)."""
+def _evaluate(config, models: dict, mesh, corpus, cfg, judges: dict, timings: dict, base_params,
+              stop=None) -> tuple[dict, list]:
+    """Every model judged by every eval oracle; prints the table. (results, generation records). stop: continuations
+    are cut before this string (`eval.toxicity.toxicity_eval`)."""
     from regft_jax.eval import evaluate_model, judge_label, results_table
     from regft_jax.eval.protocols import load_prompts, protocol_columns, protocol_names
 
@@ -186,7 +201,7 @@ def _evaluate(config, models: dict, mesh, corpus, cfg, judges: dict, timings: di
                                        seq_len=config.data.seq_len, mesh=mesh, seed=config.seed,
                                        guidance=trained.guidance, guidance_params=trained.guidance_params,
                                        document_attention=config.data.document_attention, protocols=protocols,
-                                       protocol_prompts=protocol_prompts)
+                                       protocol_prompts=protocol_prompts, stop=stop)
         results[name] = {"toxicity": {o: metrics.get(f"toxicity_{o}_{toxic}") for o in judges}, **metrics,
                          **({"train_seconds": timings[name]} if name in timings else {}), **trained.info}
         records += recs
@@ -274,30 +289,28 @@ def _method_details(config, name: str) -> str:
             f"labels from the {m.oracle} oracle)")
 
 
-def run_detox(config, workdir: str) -> dict:
-    import jax
-
+def _train_models(config, names, mesh, cfg, base, train) -> tuple[dict, dict]:
+    """Each model of `names` from the base model: "base" is the base model itself, any other name is
+    `train(name, cfg, params)` -> `Trained`. With config.lora.rank > 0 they train LoRA factors on the frozen base
+    model, merged into the weights for the evaluation. Prints each one's time and loss summary; (models, the
+    training seconds of each trained model)."""
     from regft_jax.models import lora
+    from regft_jax.train.baselines import Trained
     from regft_jax.train.loop import summarize
-    from regft_jax.train.methods import NEEDS_ORACLE, SAMPLING, selected_methods, train_method
+    from regft_jax.train.methods import SAMPLING
 
-    names = selected_methods(config)
-    mesh, corpus, cfg, base = _prepare(config)
-    oracle, judges, report = _oracles(config, corpus, training=any(n in NEEDS_ORACLE for n in names))
     m = config.method
     steps = m.iterations * m.llm_steps
-    # with config.lora.rank > 0 every method trains LoRA factors on the frozen base model; the factors are
-    # merged into the weights for the evaluation (the base model's row is the base model itself)
     lora_cfg, lora_base = lora.from_config(config, cfg, base, mesh)
     if lora_cfg.lora_rank:
         print(lora.describe(lora_cfg, lora_base))
     models, timings = {}, {}
     for name in names:
-        start = time.time()
         if name == "base":
-            models[name] = train_method(name, config, mesh, corpus, cfg, base, oracle, workdir=workdir)
+            models[name] = Trained(base)
             continue
-        trained = train_method(name, config, mesh, corpus, lora_cfg, lora_base, oracle, workdir=workdir)
+        start = time.time()
+        trained = train(name, lora_cfg, lora_base)
         models[name] = dataclasses.replace(trained, params=lora.merge_lora(lora_cfg, trained.params)[1])
         timings[name] = time.time() - start
         what = "no LLM update" if name == "nado_decoding" else f"{steps} LLM steps"
@@ -305,9 +318,21 @@ def run_detox(config, workdir: str) -> dict:
               + (" (sampling and labeling included)" if name in SAMPLING else "")
               + "".join(f", {k} {v:.4g}" for k, v in models[name].info.items()), flush=True)
         keys = [k for k in SUMMARY_KEYS if models[name].history and k in models[name].history[-1]]
-        if name not in ("sft", "filtering") and keys:
+        if set(keys) - {"lm_loss"}:  # (plain SFT: its loss is in the progress bar and metrics log)
             print(summarize(models[name].history, keys))
+    return models, timings
 
+
+def run_detox(config, workdir: str) -> dict:
+    import jax
+
+    from regft_jax.train.methods import NEEDS_ORACLE, selected_methods, train_method
+
+    names = selected_methods(config)
+    mesh, corpus, cfg, base = _prepare(config)
+    oracle, judges, report = _oracles(config, corpus, training=any(n in NEEDS_ORACLE for n in names))
+    models, timings = _train_models(config, names, mesh, cfg, base, lambda name, lora_cfg, params: train_method(
+        name, config, mesh, corpus, lora_cfg, params, oracle, workdir=workdir))
     _save_models(config, workdir, models, corpus, cfg)
     results, records = _evaluate(config, models, mesh, corpus, cfg, judges, timings, base)
     results["judges"] = report
@@ -316,7 +341,54 @@ def run_detox(config, workdir: str) -> dict:
     return results
 
 
-STAGES = {"base": run_base, "detox": run_detox, "smoke": run_smoke}
+def run_classify(config, workdir: str) -> dict:
+    """The paper's Jigsaw experiment (regft_jax/eval/classify.py): each variant of config.classify.variants
+    fine-tuned to classify the toxic domain's labeled comments, then its ROC-AUC on the held-out ones and the
+    detox stage's evaluation of its free generations."""
+    import jax
+
+    from regft_jax.eval import classify, judge_label, results_table
+    from regft_jax.train.methods import train_method
+
+    names = classify.selected_variants(config)
+    mesh, corpus, cfg, base = _prepare(config, check_corpus=lambda c: classify.held_out_examples(config, c))
+    oracle, judges, report = _oracles(config, corpus, training=any(classify.VARIANTS[n][0] == "ours" for n in names))
+    fmt = classify.prompt_format(config, corpus)
+    test = classify.held_out_examples(config, corpus)
+    corpora = {}  # loss_on -> the corpus whose toxic domain trains on classification rows
+    train_config = classify.training_config(config)
+
+    def train(name, lora_cfg, params):
+        method, loss_on = classify.VARIANTS[name]
+        if loss_on not in corpora:
+            corpora[loss_on] = classify.training_corpus(config, corpus, fmt, loss_on)
+        return train_method(method, train_config, mesh, corpora[loss_on], lora_cfg, params, oracle,
+                            workdir=workdir, desc=f"classify_{name}")
+
+    models, timings = _train_models(config, names, mesh, cfg, base, train)
+    _save_models(config, workdir, models, corpus, cfg)
+    results, records = _evaluate(config, models, mesh, corpus, cfg, judges, timings, base, stop=fmt.template)
+    start = time.time()
+    for name, trained in models.items():
+        results[name].update(classify.classification_metrics(cfg, trained, fmt, test, max_len=config.data.seq_len + 1,
+                                                             batch_size=config.eval.batch_size, mesh=mesh))
+    toxic = config.data.toxic_domain
+    keys = ["auc", "auc_se"] + [f"toxicity_{o}_{toxic}" for o in judges] + [f"stopped_{toxic}"]
+    keys += sorted({k for m in results.values() for k in m if k.startswith("ppl_")}) + ["train_seconds"] * bool(timings)
+    print(f"classification ({time.time() - start:.0f}s; ROC-AUC on {len(test)} held-out labeled {toxic} comments "
+          f"({results[names[0]]['test_positive']} positive), score = P({fmt.labels[1]!r}) normalized over "
+          f"{fmt.labels[0]!r} and {fmt.labels[1]!r} after the template {fmt.template!r}; auc_se: DeLong "
+          f"standard error; toxicity of free continuations of held-out {toxic} prompts per eval oracle, each cut "
+          f"before the template if the model wrote it (then labeling its own text): `cut` is the fraction cut):")
+    labels = {f"toxicity_{o}_{toxic}": judge_label(config, o) for o in judges}
+    print(results_table(results, keys, {**labels, f"stopped_{toxic}": "cut"}))
+    results["judges"] = report
+    if jax.process_index() == 0:
+        _write_jsonl(os.path.join(workdir, "generations.jsonl"), records)
+    return results
+
+
+STAGES = {"base": run_base, "classify": run_classify, "detox": run_detox, "smoke": run_smoke}
 
 
 def _quiet_checkpointing_logs() -> None:

@@ -1,9 +1,9 @@
-"""Aggregate `detox` runs (e.g. one per seed) into one table: mean ± std over the runs per method.
+"""Aggregate `detox` (or `classify`) runs (e.g. one per seed) into one table: mean ± std over the runs per method.
 
     python -m regft_jax.report runs/seed0 runs/seed1 runs/seed2 [--out DIR]
 
-Reads each RUN_DIR/results.json; prints a markdown table (rows = methods in the runs' order;
-toxicity ↓ under every eval oracle, the training oracle marked, and under the ToxiGen / RTP protocols
+Reads each RUN_DIR/results.json; prints a markdown table (rows = methods in the runs' order; classify runs:
+ROC-AUC first; toxicity ↓ under every eval oracle, the training oracle marked, and under the ToxiGen / RTP protocols
 when the runs ran them, perplexity per domain, fluency and distinct-2 under the judge LM, train
 seconds) and the win-rate table (mean over runs); with --out, writes them to DIR/table.md and
 DIR/win_rates.md, the per-method aggregates to DIR/summary.json, and (with matplotlib installed, the
@@ -46,8 +46,10 @@ def aggregate(runs: list[dict]) -> tuple[dict, list[str], dict]:
     oracles, domain = judges["eval_oracles"], judges["domain"]
     methods = list(dict.fromkeys(m for r in runs for m in r if m != "judges"))
     present = {k for r in runs for m in methods for k in r.get(m, {})}
-    keys = [f"toxicity_{o}_{domain}" for o in oracles]
+    keys = ["auc"] if "auc" in present else []  # the classify stage's ROC-AUC
+    keys += [f"toxicity_{o}_{domain}" for o in oracles]
     labels = {f"toxicity_{o}_{domain}": f"{o} ({judges[o]['role']}) ↓" for o in oracles}
+    labels["auc"] = "ROC-AUC ↑"
     for key, label in protocol_columns(PROTOCOLS, oracles):  # the paper's protocols, when run
         if key in present:
             keys.append(key)
@@ -71,8 +73,8 @@ def aggregate(runs: list[dict]) -> tuple[dict, list[str], dict]:
 def _cell(key: str, stat: dict | None) -> str:
     if stat is None:
         return "-"
-    scale, fmt = ((100, "{:.1f}%") if key.startswith("toxicity") else (1, "{:.3f}") if key.startswith(("emt_", "distinct"))
-                  else (1, "{:.1f}"))
+    three_digits = key.startswith(("emt_", "distinct", "auc"))
+    scale, fmt = (100, "{:.1f}%") if key.startswith("toxicity") else (1, "{:.3f}") if three_digits else (1, "{:.1f}")
     text = fmt.format(scale * stat["mean"])
     if stat["n"] > 1:
         text += " ± " + fmt.format(scale * stat["std"]).rstrip("%")
@@ -99,6 +101,8 @@ def win_rates(runs: list[dict], methods) -> dict:
 
 def _metrics(run_dir: str, method: str) -> list[dict]:
     path = os.path.join(run_dir, f"metrics_{method}.jsonl")
+    if not os.path.isfile(path):  # the classify stage's runs
+        path = os.path.join(run_dir, f"metrics_classify_{method}.jsonl")
     if not os.path.isfile(path):
         return []
     with open(path) as f:

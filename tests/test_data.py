@@ -3,6 +3,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from regft_jax.data import (
@@ -224,6 +225,18 @@ def test_partition_group_by_and_eligible():
                            eligible={"insults": lambda e: e.label == 1.0})
     with pytest.raises(UserInputError, match="rest part"):
         partition_examples(corpus, {"train": 3}, seed=0)
+
+
+def test_partition_after_eligible_part_is_a_uniform_sample_of_the_rest():
+    # 2,000 examples, 1 in 4 positive; the prompts take 300 positives, then a validation part of 400: it must hold
+    # the rest's positive rate (200 / 1,700 = 11.8%), not only the negatives the prompts' draw skipped first
+    examples = [Example(f"comment {i}", "toxic", float(i % 4 == 0)) for i in range(2000)]
+    for seed in range(3):
+        parts = partition_examples(examples, {"prompts": 300, "valid": 400}, seed=seed,
+                                   eligible={"prompts": lambda e: e.label == 1.0})
+        rate = np.mean([e.label for e in parts["valid"]])
+        assert abs(rate - 200 / 1700) < 0.05, (seed, rate)
+        assert all(e.label == 1.0 for e in parts["prompts"])
 
 
 def test_prompts_disjoint_from_training():

@@ -90,13 +90,17 @@ def test_cloze_task_from_held_out_documents_runs_through_lm_eval(tmp_path, monke
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     path, texts = model_dir
-    docs = cloze_docs([Example(text=t, domain="general") for t in texts[:40]] + [Example(text="too short", domain="g")],
-                      words=3, limit=10)
-    assert len(docs) == 10
-    for d, t in zip(docs, texts):
-        assert len(d["choices"]) == 4 and len(set(d["choices"])) == 4
-        assert t.startswith(d["context"] + " " + d["choices"][d["label"]])  # the true next words
-    assert len({d["label"] for d in docs}) > 1  # the answer's position varies
+    examples = [Example(text=t, domain="general") for t in texts[:40]] + [Example(text="too short", domain="g")]
+    for distractors in ("shuffled", "other_docs"):
+        docs = cloze_docs(examples, words=3, limit=10, distractors=distractors)
+        assert len(docs) == 10
+        for d in docs:
+            true = d["choices"][d["label"]]
+            assert len(d["choices"]) == 4 and len(set(d["choices"])) == 4
+            assert any(t.startswith(d["context"] + " " + true) for t in texts)  # the true next words
+            same_words = [sorted(c.split()) == sorted(true.split()) for c in d["choices"]]
+            assert all(same_words) if distractors == "shuffled" else sum(same_words) < 4  # (other orders)
+        assert len({d["label"] for d in docs}) > 1  # the answer's position varies
     write_task(str(tmp_path / "tasks"), docs)
     out = lm_eval.simple_evaluate(model="regft_jax", model_args=f"pretrained={path}", tasks=["regft_cloze"],
                                   task_manager=TaskManager(include_path=str(tmp_path / "tasks")), batch_size=8)

@@ -133,7 +133,7 @@ def test_guided_loglikelihoods_equal_brute_force_and_greedy_matches_the_sampler(
 
 def test_run_nado_decoding_trains_R_only_and_resumes_bitwise(setup, tmp_path, monkeypatch):
     tmp, tok, corpus, mesh, base, _ = setup
-    config = _config(tmp, tok, iterations=2, llm_steps=3, samples_per_iteration=8, checkpoint_every=2,
+    config = _config(tmp, tok, iterations=2, llm_steps=3, samples_per_iteration=16, checkpoint_every=2,
                      aux_learning_rate=1e-2)
     oracle = make_oracle("regex", patterns=["e"])  # a continuation with an "e" anywhere violates: mixed labels
     before = jax.tree.map(np.array, base)
@@ -141,7 +141,7 @@ def test_run_nado_decoding_trains_R_only_and_resumes_bitwise(setup, tmp_path, mo
     full = run(tmp_path / "full")
     _assert_bitwise(full.params, before)  # no LLM update, and the base params are intact (not donated)
     assert isinstance(full.guidance, AuxGuidance) and full.guidance.cfg.num_layers == config.method.aux_layers
-    assert full.info["aux_updates"] == 6 and full.info["samples_drawn"] == 16
+    assert full.info["aux_updates"] == 6 and full.info["samples_drawn"] == 32
     history = full.history
     assert len(history) == 6 and all(np.isfinite(h["aux_loss"]) and h["skipped"] == 0 for h in history)
     assert 0 < np.mean([h["mean_label"] for h in history]) < 1

@@ -145,9 +145,12 @@ def partition_examples(
     groups: dict[str, list[int]] = {}
     for index, example in enumerate(examples):
         groups.setdefault(key_of(example), []).append(index)
-    order = sorted(groups, key=lambda k: _hash_key(seed, k))
     part_of_group: dict[str, str] = {}
     for name, size in sizes.items():
+        # each part draws its groups in an order of its own: a part after one restricted to eligible groups
+        # is still a uniform sample of what is left (in a shared order it would take the groups that the
+        # restricted part skipped first, e.g. a validation split with no insult after the insult prompts)
+        order = sorted(groups, key=lambda k: _hash_key(seed, f"{name}\0{k}"))
         wanted = _resolve_size(name, size, len(order))
         accept = eligible.get(name, lambda e: True)
         taken = 0

@@ -90,6 +90,12 @@ class Corpus:
                                  else self._pack(part, seq_len))
         return self._packed[key]
 
+    def with_rows(self, part: str, seq_len: int, rows: Mapping[str, PackedRows]) -> "Corpus":
+        """A copy whose `packed(part, seq_len)` gives `rows` for those domains (the others packed as here);
+        examples and prompts unchanged (e.g. the classify stage's classification rows of the toxic domain)."""
+        merged = {**self.packed(part, seq_len), **rows}
+        return dataclasses.replace(self, _packed={**self._packed, (part, seq_len): merged})
+
     def _pack(self, part: str, seq_len: int) -> dict[str, PackedRows]:
         tok = self.tokenizer
         return {d: pack_documents(tok.encode_batch([e.text for e in examples]), seq_len + 1,

@@ -118,17 +118,19 @@ def load_prompts(source: str, limit: int = 0, domain: str = "toxic") -> list[Exa
 
 def run_protocols(names: Sequence[str], cfg, params, tokenizer, prompts: Sequence[Example], oracles, *,
                   threshold: float, batch_size: int, seed: int = 0, mesh=None, guidance=None,
-                  guidance_params: Any = None, model_name: Optional[str] = None) -> tuple[dict, list[dict]]:
+                  guidance_params: Any = None, model_name: Optional[str] = None,
+                  stop: Optional[str] = None) -> tuple[dict, list[dict]]:
     """Every named protocol on `prompts`, every oracle: ({"toxicity_<oracle>_toxigen": % flagged,
     "toxicity_<oracle>_rtp": toxicity probability, "emt_<oracle>_rtp": expected maximum toxicity,
-    "scored_<oracle>_<protocol>": scored continuations}, records tagged with their protocol)."""
+    "scored_<oracle>_<protocol>": scored continuations}, records tagged with their protocol); stop: see
+    `toxicity_eval`."""
     metrics, records = {}, []
     for name in names:
         p = PROTOCOLS[name]
         out = toxicity_eval(cfg, params, tokenizer, prompts, oracles, max_new_tokens=p.max_new_tokens,
                             temperature=p.temperature, top_p=p.top_p, seed=seed, threshold=threshold,
                             batch_size=batch_size, mesh=mesh, guidance=guidance, guidance_params=guidance_params,
-                            model_name=model_name, samples=p.samples)
+                            model_name=model_name, samples=p.samples, stop=stop)
         for oracle, o in out["oracles"].items():
             if p.samples == 1:
                 metrics[f"toxicity_{oracle}_{name}"] = o["toxicity"]

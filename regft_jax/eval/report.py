@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 from collections.abc import Mapping, Sequence
 
 from regft_jax.data.pipeline import Corpus
@@ -19,7 +20,7 @@ class EvalError(UserInputError):
 
 def evaluate_model(name: str, cfg, params, corpus: Corpus, oracles, ev, *, seq_len: int, mesh=None, seed: int = 0,
                    guidance=None, guidance_params=None, document_attention: bool = True, protocols: Sequence[str] = (),
-                   protocol_prompts: Sequence[Example] = ()) -> tuple[dict, list[dict]]:
+                   protocol_prompts: Sequence[Example] = (), stop: Optional[str] = None) -> tuple[dict, list[dict]]:
     """Perplexity per domain, and every eval oracle's toxicity of the same continuations.
 
     `oracles`: a mapping name -> Oracle (or one Oracle, named by its `.name`). Continuations of
@@ -31,7 +32,8 @@ def evaluate_model(name: str, cfg, params, corpus: Corpus, oracles, ev, *, seq_l
     `AuxGuidance`), continuations are drawn from q = p · R and perplexity is q's too. An oracle that
     scored fewer than `ev.min_scored_fraction` of a domain's continuations raises EvalError (no silent
     fallback to the texts that did score). `protocols` (names in `eval.protocols.PROTOCOLS`) run on
-    `protocol_prompts` and add their metrics (`run_protocols`).
+    `protocol_prompts` and add their metrics (`run_protocols`). stop: continuations are cut before it
+    (`toxicity_eval`); then "stopped_<domain>" is the fraction cut.
     """
     named = dict(oracles) if isinstance(oracles, Mapping) else {oracles.name: oracles}
     min_fraction = float(ev.get("min_scored_fraction", 0.9))
@@ -44,7 +46,9 @@ def evaluate_model(name: str, cfg, params, corpus: Corpus, oracles, ev, *, seq_l
         out = toxicity_eval(cfg, params, corpus.tokenizer, prompts, named, max_new_tokens=ev.max_new_tokens,
                             temperature=ev.temperature, top_p=ev.top_p, seed=seed, threshold=ev.threshold,
                             batch_size=ev.batch_size, mesh=mesh, guidance=guidance,
-                            guidance_params=guidance_params, model_name=name)
+                            guidance_params=guidance_params, model_name=name, stop=stop)
+        if stop:
+            metrics[f"stopped_{domain}"] = out["stopped"]
         for oracle_name, o in out["oracles"].items():
             if o["scored"] < min_fraction * len(prompts):
                 raise EvalError(f"eval oracle {oracle_name!r} scored only {o['scored']}/{len(prompts)} continuations "
@@ -56,7 +60,8 @@ def evaluate_model(name: str, cfg, params, corpus: Corpus, oracles, ev, *, seq_l
     if protocols:
         more, more_records = run_protocols(protocols, cfg, params, corpus.tokenizer, protocol_prompts, named,
                                            threshold=ev.threshold, batch_size=ev.batch_size, seed=seed, mesh=mesh,
-                                           guidance=guidance, guidance_params=guidance_params, model_name=name)
+                                           guidance=guidance, guidance_params=guidance_params, model_name=name,
+                                           stop=stop)
         metrics.update(more)
         records += more_records
     return metrics, records
@@ -77,4 +82,6 @@ def _cell(key: str, value) -> str:
         return "-"
     if key.startswith("toxicity"):
         return f"{100 * value:.1f}%"
+    if key.startswith("auc"):
+        return f"{value:.3f}"
     return str(value) if isinstance(value, int) else f"{value:.2f}"

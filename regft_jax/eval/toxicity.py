@@ -18,7 +18,8 @@ from regft_jax.models import ModelConfig
 def toxicity_eval(cfg: ModelConfig, params, tokenizer: Tokenizer, prompts: Sequence[Example], oracles, *,
                   max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 0.9, seed: int = 0,
                   threshold: float = 0.5, batch_size: int = 64, mesh=None, guidance=None,
-                  guidance_params: Any = None, model_name: Optional[str] = None, samples: int = 1) -> dict:
+                  guidance_params: Any = None, model_name: Optional[str] = None, samples: int = 1,
+                  stop: Optional[str] = None) -> dict:
     """Continue each prompt `samples` times, score every continuation with every oracle.
 
     `oracles`: one Oracle, or a mapping name -> Oracle (the continuations are generated once and
@@ -28,14 +29,15 @@ def toxicity_eval(cfg: ModelConfig, params, tokenizer: Tokenizer, prompts: Seque
     (model, domain, prompt, sample, continuation, "scores": {name: score})}; with a single Oracle also
     its "toxicity", "mean_score", "scored" at the top and "score" in each record. A NaN score is an
     oracle failure: left out of that oracle's rates (recorded as None), never counted as clean.
+    stop: a continuation is cut before the first occurrence of this string (e.g. the classify stage's template:
+    what follows is the model labeling its own text); "stopped" = the fraction of continuations cut.
     """
     if samples < 1:
         raise UserInputError(f"toxicity_eval: samples={samples}; expected >= 1 continuation per prompt")
     single = not isinstance(oracles, Mapping)
     named = {getattr(oracles, "name", "oracle"): oracles} if single else dict(oracles)
-    if not prompts:
-        texts, scores = [], {name: np.zeros(0) for name in named}
-    else:
+    texts = []
+    if prompts:
         ids = tokenizer.encode_batch([p.prompt for p in prompts], add_bos=tokenizer.bos_id is not None)
         ids = [row for row in ids for _ in range(samples)]  # each prompt's samples side by side
         conts = sampling.generate(cfg, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -43,9 +45,11 @@ def toxicity_eval(cfg: ModelConfig, params, tokenizer: Tokenizer, prompts: Seque
                                   mesh=mesh, batch_size=batch_size, guidance=guidance,
                                   guidance_params=guidance_params)
         texts = tokenizer.decode_batch(conts)
-        # each process scores its share of the texts; every process gets every score
-        scores = {name: multihost.split_over_processes(oracle.score, texts, np.float64)
-                  for name, oracle in named.items()}
+    cut = [bool(stop) and stop in t for t in texts]
+    texts = [t.split(stop, 1)[0] if c else t for t, c in zip(texts, cut)]
+    # each process scores its share of the texts; every process gets every score
+    scores = {name: multihost.split_over_processes(oracle.score, texts, np.float64) if texts else np.zeros(0)
+              for name, oracle in named.items()}
     summary = {}
     for name, s in scores.items():
         ok = np.isfinite(s)
@@ -58,8 +62,9 @@ def toxicity_eval(cfg: ModelConfig, params, tokenizer: Tokenizer, prompts: Seque
         per = {name: (round(float(s[i]), 6) if np.isfinite(s[i]) else None) for name, s in scores.items()}
         records.append({"model": model_name, "domain": p.domain, "prompt": p.prompt,
                         **({"sample": i % samples} if samples > 1 else {}), "continuation": t,
+                        **({"stopped": True} if cut[i] else {}),
                         "scores": per, **({"score": next(iter(per.values()))} if single else {})})
-    out = {"oracles": summary, "records": records}
+    out = {"oracles": summary, "records": records, "stopped": float(np.mean(cut)) if cut else 0.0}
     if single:
         out.update(next(iter(summary.values())))
     return out

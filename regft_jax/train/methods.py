@@ -52,9 +52,10 @@ def selected_methods(config) -> list[str]:
     return names
 
 
-def check_methods_config(config, mesh) -> None:
-    """Each selected method's own config keys (one line naming a bad one), before any training."""
-    names = selected_methods(config)
+def check_methods_config(config, mesh, names=None) -> None:
+    """Each method's own config keys (one line naming a bad one), before any training; names: those of
+    `config.methods` by default."""
+    names = selected_methods(config) if names is None else names
     from regft_jax.train.schedules import check_method_config
 
     check_method_config(config, mesh)  # the shared optimizer / batch / sampling settings
@@ -122,6 +123,8 @@ RUNNERS: dict[str, Callable] = {
     **{name: _run_ours(name) for name in OURS_VARIANTS}}
 
 
-def train_method(name: str, config, mesh, corpus, cfg, base_params, oracle, *, workdir=None) -> Trained:
-    """Train method `name` from `base_params` (see the module docstring)."""
-    return RUNNERS[name](config, mesh, corpus, cfg, base_params, oracle, workdir=workdir, desc=name)
+def train_method(name: str, config, mesh, corpus, cfg, base_params, oracle, *, workdir=None,
+                 desc: str = "") -> Trained:
+    """Train method `name` from `base_params` (see the module docstring); its checkpoints, metrics log and
+    progress bar are named `desc` (default: the method's name)."""
+    return RUNNERS[name](config, mesh, corpus, cfg, base_params, oracle, workdir=workdir, desc=desc or name)

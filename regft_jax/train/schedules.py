@@ -83,6 +83,7 @@ def check_method_config(config, mesh=None) -> None:
     require(config, "method.aux_init", m.aux_init in ("llm", "fresh"), "'llm' or 'fresh'")
     require(config, "method.label_text", m.label_text in ("continuation", "full"), "'continuation' or 'full'")
     require(config, "method.reg_prefixes", m.reg_prefixes in REG_PREFIXES, f"one of {REG_PREFIXES}")
+    require(config, "method.sample_stop", isinstance(m.get("sample_stop", ""), str), "a string ('' = none)")
     if m.reg_prefixes != "corpus":
         require(config, "method.lambda_samples", m.lambda_samples > 0,
                 f"> 0 with reg_prefixes={m.reg_prefixes!r} (Ω_tox at the sampled prefixes)")
@@ -181,6 +182,8 @@ class Sampler:
         self.fn = sampling.make_sampler(cfg, mesh, max_new_tokens=method.sample_tokens,
                                         use_top_p=method.sample_top_p < 1, eos_id=tok.eos_id, pad_id=tok.pad_id or 0)
         self.seed = seed
+        stop = method.get("sample_stop", "")
+        self.stop_ids = tuple(tok.encode_batch([stop])[0]) if stop else ()
 
     def generate(self, params, iteration: int, step: int, rows: Optional[int] = None, repeats: int = 1):
         """Dispatch generation (asynchronous: returns device arrays at once). The prompts and the
@@ -199,20 +202,22 @@ class Sampler:
         out = self.fn(params, None, multihost.to_global(tokens, batch), multihost.to_global(mask, batch),
                       jax.random.key(self.seed * 100_003 + iteration),
                       jnp.float32(self.method.sample_temperature), jnp.float32(self.method.sample_top_p))
-        return tokens, mask, out, step
+        return tokens, mask, out, step, self.stop_ids
 
     @staticmethod
     def collect(generated) -> Samples:
-        """Wait for the generated tokens: the sample set, not labeled yet (labels NaN)."""
-        tokens, mask, out, step = generated
+        """Wait for the generated tokens: the sample set, not labeled yet (labels NaN). A continuation ends
+        before the first occurrence of the sampler's stop tokens (`method.sample_stop`; masked from there on)."""
+        tokens, mask, out, step, stop_ids = generated
         out = multihost.to_host(out)  # whole, on every process
+        kept = mask_from_stop(out.tokens, out.mask, stop_ids)
         # log proposal(y), shifted by the set's mean log weight under the sampling LLM (a constant
         # of the set, which self-normalized weights ignore) so that exp stays in range
-        logp = out.logprobs.sum(-1)
-        shift = float(np.mean(out.ref_logprobs.sum(-1) - logp))
+        logp = (out.logprobs * kept).sum(-1)
+        shift = float(np.mean((out.ref_logprobs * kept).sum(-1) - logp))
         return Samples(tokens=np.concatenate([tokens, out.tokens], 1).astype(np.int32),
-                       loss_mask=np.concatenate([np.zeros_like(mask), out.mask], 1).astype(np.int32),
-                       attention_mask=np.concatenate([mask, out.mask], 1).astype(np.int32),
+                       loss_mask=np.concatenate([np.zeros_like(mask), kept], 1).astype(np.int32),
+                       attention_mask=np.concatenate([mask, kept], 1).astype(np.int32),
                        label=np.full(tokens.shape[0], np.nan, np.float32),
                        proposal_logp=(logp + shift).astype(np.float32), step=step)
 
@@ -232,6 +237,18 @@ class Sampler:
     def draw(self, params, iteration: int, step: int) -> Samples:
         """Generate and label a whole sample set (waits for both)."""
         return self.label_all(self.collect(self.generate(params, iteration, step)))
+
+
+def mask_from_stop(tokens: np.ndarray, mask: np.ndarray, stop_ids) -> np.ndarray:
+    """`mask` [n, N] with each row's tokens from the first occurrence of the token sequence `stop_ids` on set to 0
+    (unchanged without stop ids or occurrence)."""
+    k = len(stop_ids)
+    if not k or tokens.shape[1] < k:
+        return mask
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, k, axis=1)  # [n, N − k + 1, k]
+    hit = (windows == np.asarray(stop_ids)).all(-1)
+    first = np.where(hit.any(1), hit.argmax(1), tokens.shape[1])
+    return np.where(np.arange(tokens.shape[1]) < first[:, None], mask, 0).astype(mask.dtype)
 
 
 def bootstrap_samples(sampler: Sampler, base_params) -> tuple[Samples, float]:
@@ -356,6 +373,8 @@ def run_fingerprint(config, name: str, method_keys=None) -> str:
               if (k in method_keys if method_keys is not None else k not in RESUME_NEUTRAL)}
     parts = {"name": name, "seed": config.seed, "model": config.model.to_dict(), "data": config.data.to_dict(),
              "base": config.base.to_dict(), "method": method}
+    if config.get("stage") == "classify":  # its runs train on classification rows of this format
+        parts["classify"] = {k: config.classify[k] for k in ("template", "labels")}
     if config.get("lora") is not None and config.lora.rank:  # (absent without LoRA: older checkpoints still match)
         parts["lora"] = config.lora.to_dict()
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
