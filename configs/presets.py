@@ -175,6 +175,7 @@ def paper_config(family: str, arg: Optional[str] = None) -> ml_collections.Confi
                    "judge": "base"})  # fluency under the base model; an instruction LM's directory for win rates
     # The classify stage asks about ToxiGen's label (hateful); for Jigsaw, data.hub.toxic = civil_comments.
     c.classify.template = "\nToxic:"
+    c.classify.max_test = 2000  # held-out comments scored per variant (drawn by seed; civil_comments' 5% is ~90k)
     c.optim.learning_rate = 1e-5
     c.train = ml_collections.ConfigDict({"steps": 100, "batch_size": hw.batch_size, "seq_len": 1024})
 

@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     # filtering, rl, dpo, nado_decoding, ours, ours_noadaptive (one λ everywhere), ours_sequential
     c.methods = "base,sft,ours"
     c.seed = 0
-    c.workdir = "runs/tiny"
+    c.workdir = "runs/tiny"  # (the classify stage: runs/tiny/classify)
     # Multi-process runs (the same command on every host): distributed=True auto-detects the cluster (TPU pod,
     # SLURM, ...); or explicitly coordinator="HOST:PORT" with num_processes and this host's process_id.
     c.distributed = False
@@ -78,8 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
         "accum_steps": 1,  # gradient accumulation: microbatches per step (divides every domain's rows)
         "sample_domains": ("toxic",), "samples_per_iteration": 256, "sample_batch_size": 8,
         "sample_tokens": 32, "sample_temperature": 1.0, "sample_top_p": 1.0,
-        # a sampled continuation ends before this text (masked from there: not labeled, not trained on; "" = none;
-        # the classify stage sets classify.template: what follows is the model labeling its own text)
+        # a sampled continuation ends before this text, matched as its own token sequence (masked from there: not
+        # labeled, not trained on; "" = none; the classify stage uses classify.template: the model labeling its text)
         "sample_stop": "",
         "label_text": "continuation",  # what the oracle labels: continuation | full (prompt + continuation)
         "importance_weights": True,  # weight samples by p_ref(y)/proposal(y) in the aux loss (self-normalized)

@@ -121,8 +121,9 @@ class RunCheckpointer:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if meta.get("fingerprint") != self.fingerprint:
             raise UserInputError(
-                f"{self.directory}/{step}: checkpoint of a run with a different config; resume with the "
-                f"config that wrote it, use another --workdir, or set --config.method.resume=False")
+                f"{self.directory}/{step}: checkpoint of a run with a different config (or of an older regft_jax "
+                f"whose corpus split or config keys differ); resume with the config and version that wrote it, "
+                f"use another --workdir, or set --config.method.resume=False")
         return meta
 
     def restore_state(self, step: int, target: Any) -> Any:

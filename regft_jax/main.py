@@ -351,7 +351,7 @@ def run_classify(config, workdir: str) -> dict:
     from regft_jax.train.methods import train_method
 
     names = classify.selected_variants(config)
-    mesh, corpus, cfg, base = _prepare(config, check_corpus=lambda c: classify.held_out_examples(config, c))
+    mesh, corpus, cfg, base = _prepare(config, check_corpus=lambda c: classify.check_corpus(config, c))
     oracle, judges, report = _oracles(config, corpus, training=any(classify.VARIANTS[n][0] == "ours" for n in names))
     fmt = classify.prompt_format(config, corpus)
     test = classify.held_out_examples(config, corpus)
@@ -370,7 +370,7 @@ def run_classify(config, workdir: str) -> dict:
     results, records = _evaluate(config, models, mesh, corpus, cfg, judges, timings, base, stop=fmt.template)
     start = time.time()
     for name, trained in models.items():
-        results[name].update(classify.classification_metrics(cfg, trained, fmt, test, max_len=config.data.seq_len + 1,
+        results[name].update(classify.classification_metrics(cfg, trained, fmt, test, row_len=config.data.seq_len + 1,
                                                              batch_size=config.eval.batch_size, mesh=mesh))
     toxic = config.data.toxic_domain
     keys = ["auc", "auc_se"] + [f"toxicity_{o}_{toxic}" for o in judges] + [f"stopped_{toxic}"]
@@ -409,7 +409,10 @@ def main(argv) -> None:
 
     multihost.initialize(config)  # --config.distributed (cluster auto-detection) or --config.coordinator=...
     _validate(config)
-    workdir = os.path.abspath(_WORKDIR.value or config.workdir)
+    # (the classify stage's default is a subdirectory: its results.json, generations and models never overwrite
+    # a detox run's)
+    workdir = os.path.abspath(_WORKDIR.value or (os.path.join(config.workdir, "classify") if config.stage == "classify"
+                                                 else config.workdir))
     os.makedirs(workdir, exist_ok=True)
     logging.info("workdir: %s", workdir)
     results = STAGES[config.stage](config, workdir)

@@ -104,6 +104,23 @@ def test_sampled_continuations_end_before_the_stop_tokens():
     assert mask_from_stop(tokens, mask, ()) is mask
 
 
+def test_classify_config_checks_and_training_config():
+    from configs import tiny
+    from regft_jax.eval.classify import check_classify_config, training_config
+
+    config = tiny.get_config()
+    assert check_classify_config(config) == ["ours", "sft"]  # the detox methods its variants train with
+    assert training_config(config).method.sample_stop == "\nInsult:" and config.method.sample_stop == ""
+    config.method.reg_prefixes = "both"
+    with pytest.raises(UserInputError, match="config.method.reg_prefixes"):
+        check_classify_config(config)
+    config.classify.variants = "base,sft_label"  # (no regularizer: any reg_prefixes)
+    assert check_classify_config(config) == ["sft"]
+    config.classify.variants = "sft,head"
+    with pytest.raises(UserInputError, match="config.classify.variants"):
+        check_classify_config(config)
+
+
 def _model(vocab: int, seed: int = 0):
     cfg = models.ModelConfig(family="llama", vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=2,
                              num_kv_heads=2, head_dim=16, mlp_dim=64, max_seq_len=64)
@@ -114,12 +131,15 @@ def test_prompted_score_is_the_softmax_over_the_two_label_tokens(tokenizer):
     fmt = _format(tokenizer)
     cfg, params = _model(tokenizer.vocab_size, seed=3)
     texts = ["you stupid moron", "calm warm river music", " ".join(["garden"] * 50)]
-    scores = label_scores(cfg, params, fmt, texts, max_len=24, batch_size=2)
+    scores = label_scores(cfg, params, fmt, texts, row_len=24, batch_size=2)
     (neg,), (pos,) = fmt.label_ids
-    for text, score, ids in zip(texts, scores, fmt.prompt_ids(texts, 23)):
+    # the prompts scored are those of the training rows: the row's tokens before the label word
+    rows = fmt.rows([Example(t, "toxic", 1.0) for t in texts], 24)
+    prompts = [list(r[:int(s.sum()) - 2]) for r, s in zip(rows.tokens, rows.segment_ids)]  # (label, EOS)
+    assert prompts == fmt.prompt_ids(texts, fmt.prompt_room(24)) and len(prompts[2]) == 24 - 2
+    for text, score, ids in zip(texts, scores, prompts):
         logits = models.forward(cfg, params, jnp.asarray([ids]))[0, -1]
         assert score == pytest.approx(float(jax.nn.softmax(logits[jnp.array([neg, pos])])[1]), rel=1e-5)
-    assert len(fmt.prompt_ids(texts, 23)[2]) == 23
 
 
 def _toy(n: int, seed: int) -> list[Example]:
@@ -138,14 +158,14 @@ def test_a_classifier_trained_on_a_separable_toy_set_reaches_auc_one(tokenizer):
     fmt = _format(tokenizer)
     cfg, params = _model(tokenizer.vocab_size)
     test = _toy(60, seed=1)
-    before = roc_auc([e.label for e in test], label_scores(cfg, params, fmt, [e.text for e in test], max_len=24))
+    before = roc_auc([e.label for e in test], label_scores(cfg, params, fmt, [e.text for e in test], row_len=24))
     rows = fmt.rows(_toy(400, seed=0), 24, "label")
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     optim = ml_collections.ConfigDict({"learning_rate": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0,
                                        "warmup_steps": 5})
     trained, history = train_lm(cfg, params, mesh, MixtureBatcher({"toxic": rows}, {"toxic": 1.0}, 16, seed=0), optim,
                                 steps=150, desc="toy classifier")
-    after = roc_auc([e.label for e in test], label_scores(cfg, trained, fmt, [e.text for e in test], max_len=24))
+    after = roc_auc([e.label for e in test], label_scores(cfg, trained, fmt, [e.text for e in test], row_len=24))
     assert history[-1]["loss"] < 0.1 < history[0]["loss"]
     assert after > 0.98 and abs(before - 0.5) < 0.3
 

@@ -6,10 +6,10 @@ One example is the comment, a template and a label word, tokenized piece by piec
 
     fmt = PromptFormat(tokenizer, template="\\nInsult:", labels=(" no", " yes"))
     rows = fmt.rows(corpus.train["toxic"], seq_len + 1, loss_on="all")   # PackedRows, one example per row
-    ids = fmt.prompt_ids(texts, max_len)                                  # what the label word is scored after
+    ids = fmt.prompt_ids(texts, fmt.prompt_room(seq_len + 1))            # what the label word is scored after
 
-A comment too long for its row keeps its LAST tokens (the template and the label always fit), the same
-way in training rows and in scored prompts. `loss_on="all"` trains every token (the paper's "LLM loss":
+A comment too long for its row keeps its LAST tokens (the template, the label and EOS always fit), the same
+way in training rows and in scored prompts (`prompt_room`). `loss_on="all"` trains every token (the paper's "LLM loss":
 the model also learns the comments' text); `"label"` only the label word (a classification objective
 through the LM head).
 """
@@ -58,8 +58,14 @@ class PromptFormat:
     def _bos(self) -> list[int]:
         return [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
 
+    def prompt_room(self, row_len: int) -> int:
+        """The most tokens of a prompt in a row of `row_len` tokens: what the longest label word and EOS leave."""
+        eos = 0 if self.tokenizer.eos_id is None else 1
+        return row_len - max(len(ids) for ids in self.label_ids) - eos
+
     def prompt_ids(self, texts: Sequence[str], max_len: int) -> list[list[int]]:
-        """[bos] + each text's last tokens + the template: at most `max_len` tokens, at least one of the text."""
+        """[bos] + each text's last tokens + the template: at most `max_len` tokens (a text that encodes to
+        tokens keeps at least one)."""
         head, tail = self._bos(), self.template_ids
         room = max_len - len(head) - len(tail)
         if room < 1:
@@ -79,8 +85,7 @@ class PromptFormat:
                                  f"(the first: {examples[unlabeled[0]].text[:60]!r})")
         eos = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
         neg, pos = self.label_ids
-        longest = max(len(neg), len(pos)) + len(eos)
-        prompts = self.prompt_ids([e.text for e in examples], row_len - longest)
+        prompts = self.prompt_ids([e.text for e in examples], self.prompt_room(row_len))
         tokens = np.full((len(examples), row_len), self.tokenizer.pad_id or 0, np.int32)
         loss_mask = np.zeros_like(tokens)
         segment_ids = np.zeros_like(tokens)

@@ -107,6 +107,10 @@ def _resolve_size(name: str, size: int | float, num_groups: int) -> int:
     return int(size)
 
 
+SPLIT_VERSION = 2  # 2: each part draws in its own order (in the run checkpoints' fingerprints; base models:
+#                    train/base_model.py CACHE_VERSION)
+
+
 def partition_examples(
     examples: Sequence[Example],
     sizes: Mapping[str, int | float],

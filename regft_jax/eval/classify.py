@@ -47,6 +47,10 @@ def check_classify_config(config) -> list[str]:
     require(config, "classify.max_test", isinstance(c.max_test, int) and c.max_test >= 0, "an integer >= 0 (0 = all)")
     require(config, "classify.labels", len(tuple(c.labels)) == 2 and len(set(c.labels)) == 2,
             "two different label words (negative, positive), e.g. (' no', ' yes')")
+    if "ours" in names:  # Ω_tox belongs on the comment text: on corpus rows it would also act on template and label
+        require(config, "method.reg_prefixes", config.method.reg_prefixes == "samples",
+                "'samples' in the classify stage (Ω_tox at the prefixes of sampled continuations of comments; "
+                "on classification rows it would also pull the label word toward p_ref · R)")
     return sorted({VARIANTS[n][0] for n in names} - {None})
 
 
@@ -55,9 +59,9 @@ def prompt_format(config, corpus: Corpus) -> PromptFormat:
 
 
 def training_config(config):
-    """`config` for the variants' training: the method's samples end before the template (`method.sample_stop`,
-    unless set): after it the model labels its own continuation, which is not comment text (not labeled by the
-    oracle, not regularized)."""
+    """`config` for the variants' training: the method's samples end before the template (`method.sample_stop`;
+    "" = the template, another string replaces it): after it the model labels its own continuation, which is not
+    comment text (not labeled by the oracle, not regularized)."""
     out = copy.deepcopy(config)
     out.method.sample_stop = config.method.get("sample_stop") or config.classify.template
     return out
@@ -96,7 +100,7 @@ def _midranks(x: np.ndarray) -> np.ndarray:
 
 
 def _split(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    labels, scores = np.asarray(labels, bool), np.asarray(scores, np.float64)
+    labels, scores = np.asarray(labels, np.float64) >= 0.5, np.asarray(scores, np.float64)
     if labels.all() or not labels.any():
         raise ValueError(f"roc_auc needs both classes ({int(labels.sum())} positive, {int((~labels).sum())} negative)")
     return labels, scores
@@ -122,14 +126,15 @@ def auc_standard_error(labels: Sequence[float], scores: Sequence[float]) -> floa
     return float(np.sqrt(var))
 
 
-def label_scores(cfg, params, fmt: PromptFormat, texts: Sequence[str], *, max_len: int, batch_size: int = 32,
+def label_scores(cfg, params, fmt: PromptFormat, texts: Sequence[str], *, row_len: int, batch_size: int = 32,
                  mesh=None, guidance=None, guidance_params=None) -> np.ndarray:
     """P(positive | prompt) normalized over the two label words, σ(log p(pos words) − log p(neg words)), per text
-    (under q = p · R with a guidance); the prompts are `fmt.prompt_ids(texts, max_len − longest label)`."""
+    (under q = p · R with a guidance); the prompts are those of training rows of `row_len` tokens
+    (`fmt.prompt_ids(texts, fmt.prompt_room(row_len))`)."""
     from regft_jax.eval.perplexity import loglikelihoods
 
     neg, pos = fmt.label_ids
-    prompts = fmt.prompt_ids(texts, max_len - max(len(neg), len(pos)))
+    prompts = fmt.prompt_ids(texts, fmt.prompt_room(row_len))
     pairs = [(p, y) for p in prompts for y in (pos, neg)]
     logl, _ = loglikelihoods(cfg, params, pairs, guidance=guidance, guidance_params=guidance_params,
                              batch_size=batch_size, mesh=mesh, pad_id=fmt.tokenizer.pad_id or 0)
@@ -137,10 +142,10 @@ def label_scores(cfg, params, fmt: PromptFormat, texts: Sequence[str], *, max_le
     return 1.0 / (1.0 + np.exp(-margin))
 
 
-def classification_metrics(cfg, trained, fmt: PromptFormat, examples, *, max_len: int, batch_size: int = 32,
+def classification_metrics(cfg, trained, fmt: PromptFormat, examples, *, row_len: int, batch_size: int = 32,
                            mesh=None) -> dict:
     """{"auc", "auc_se" (DeLong), "test_n", "test_positive"} of a `Trained` model on labeled examples."""
-    scores = label_scores(cfg, trained.params, fmt, [e.text for e in examples], max_len=max_len,
+    scores = label_scores(cfg, trained.params, fmt, [e.text for e in examples], row_len=row_len,
                           batch_size=batch_size, mesh=mesh, guidance=trained.guidance,
                           guidance_params=trained.guidance_params)
     labels = np.array([e.label >= 0.5 for e in examples])
@@ -149,8 +154,19 @@ def classification_metrics(cfg, trained, fmt: PromptFormat, examples, *, max_len
 
 
 def held_out_examples(config, corpus: Corpus) -> list:
-    """The toxic domain's held-out labeled comments (the validation split), the first `classify.max_test` (0: all)."""
+    """The toxic domain's held-out labeled comments (the validation split): all, or `classify.max_test` of them
+    drawn by seed."""
     toxic, limit = config.data.toxic_domain, config.classify.max_test
     out = [e for e in corpus.valid[toxic] if e.label is not None]
-    return labeled(out[:limit] if limit else out, f"the {toxic!r} domain's validation split (config.data."
-                   f"valid_fraction{', classify.max_test' if limit else ''})")
+    if limit and limit < len(out):
+        out = [out[i] for i in sorted(np.random.default_rng(config.seed).choice(len(out), limit, replace=False))]
+    return labeled(out, f"the {toxic!r} domain's validation split (config.data.valid_fraction"
+                   f"{', classify.max_test' if limit else ''})")
+
+
+def check_corpus(config, corpus: Corpus) -> None:
+    """The stage's data problems before any model work: the prompt format, both classes in training and held out."""
+    prompt_format(config, corpus)
+    toxic = config.data.toxic_domain
+    labeled(corpus.train[toxic], f"the {toxic!r} domain's training split")
+    held_out_examples(config, corpus)

@@ -34,7 +34,7 @@ from regft_jax.train.loop import corpus_keys, global_batches, run_steps, summari
 from regft_jax.train.steps import init_train_state, jit_sharded, make_optimizer, sft_step, train_state_shardings
 from regft_jax.train.throughput import Throughput
 
-CACHE_VERSION = 3  # 3: the corpus split of partition_examples draws each part in its own order
+CACHE_VERSION = 3  # 3: the corpus split of data.mixture.SPLIT_VERSION 2
 
 
 def train_lm(cfg, params, mesh, batcher: MixtureBatcher, optim, *, steps: int, desc: str,

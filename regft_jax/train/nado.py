@@ -48,7 +48,7 @@ from regft_jax.train.throughput import Throughput, peak_flops, train_flops_per_t
 # others, e.g. lambda_toxic or the LLM's learning_rate).
 NADO_KEYS = ("iterations", "llm_steps", "samples_per_iteration", "sample_batch_size", "sample_tokens",
              "sample_temperature", "sample_top_p", "sample_domains", "aux_layers", "aux_init", "aux_learning_rate",
-             "beta", "importance_weights", "label_text", "accum_steps", "oracle", "oracle_args")
+             "beta", "importance_weights", "label_text", "accum_steps", "oracle", "oracle_args", "sample_stop")
 
 
 def aux_update_flops_per_token(aux_cfg: ModelConfig, llm_cfg: ModelConfig, seq_len: int) -> float:

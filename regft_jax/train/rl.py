@@ -82,7 +82,7 @@ from regft_jax.train.throughput import Throughput
 # The `config.method` keys rl and dpo depend on (with their own block, config.rl / config.dpo).
 METHOD_KEYS = ("learning_rate", "weight_decay", "warmup_steps", "iterations", "llm_steps", "batch_size",
                "proportions", "accum_steps", "sample_domains", "sample_tokens", "sample_temperature", "sample_top_p",
-               "label_text", "oracle", "oracle_args")
+               "label_text", "oracle", "oracle_args", "sample_stop")
 
 
 def check_rl_config(config, mesh=None, names=("rl", "dpo")) -> None:

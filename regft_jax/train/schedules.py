@@ -55,7 +55,7 @@ from regft_jax import multihost, preemption, sampling
 from regft_jax.precision import check_update_precision
 from regft_jax.checkpoint import RunCheckpointer
 from regft_jax.data.batching import MixtureBatcher
-from regft_jax.data.mixture import prompt_of
+from regft_jax.data.mixture import SPLIT_VERSION, prompt_of
 from regft_jax.data.pipeline import Corpus, check_domains
 from regft_jax.config_utils import require
 from regft_jax.models.aux import aux_config, init_aux_params
@@ -372,7 +372,7 @@ def run_fingerprint(config, name: str, method_keys=None) -> str:
     method = {k: v for k, v in config.method.to_dict().items()
               if (k in method_keys if method_keys is not None else k not in RESUME_NEUTRAL)}
     parts = {"name": name, "seed": config.seed, "model": config.model.to_dict(), "data": config.data.to_dict(),
-             "base": config.base.to_dict(), "method": method}
+             "base": config.base.to_dict(), "method": method, "split": SPLIT_VERSION}
     if config.get("stage") == "classify":  # its runs train on classification rows of this format
         parts["classify"] = {k: config.classify[k] for k in ("template", "labels")}
     if config.get("lora") is not None and config.lora.rank:  # (absent without LoRA: older checkpoints still match)
