@@ -153,9 +153,10 @@ def get_config() -> ml_collections.ConfigDict:
     # positive) words; a long comment keeps its last tokens), with the method's mixture (these rows are the toxic
     # domain's), optimizer and number of LLM steps. variants: base (untouched), sft (LM loss on every token), ours
     # (sft + the method's regularizer, config.method), sft_label (loss on the label word only). Each is scored by
-    # ROC-AUC on the toxic domain's held-out labeled comments (its validation split; the first max_test, 0 = all),
-    # score = P(positive word) normalized over the two words, and evaluated like the detox models (toxicity of free
-    # continuations of held-out prompts per eval oracle, perplexity). Jigsaw: --config.data.source=hub with
+    # ROC-AUC on the toxic domain's held-out labeled comments (its validation split; max_test of them drawn by seed,
+    # 0 = all), score = P(positive word) normalized over the two words, and evaluated like the detox models
+    # (toxicity of free continuations of held-out prompts per eval oracle, each cut before the template if the
+    # model writes it; perplexity). Jigsaw: --config.data.source=hub with
     # data.hub.toxic = {"loader": "civil_comments", "name": "google/civil_comments", ...}.
     c.classify = ml_collections.ConfigDict({"variants": "base,sft,ours,sft_label", "template": "\nInsult:",
                                             "labels": (" no", " yes"), "max_test": 0})

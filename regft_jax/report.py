@@ -54,6 +54,9 @@ def aggregate(runs: list[dict]) -> tuple[dict, list[str], dict]:
         if key in present:
             keys.append(key)
             labels[key] = f"{label} ↓"
+    if f"stopped_{domain}" in present:  # classify runs: continuations cut before the template
+        keys.append(f"stopped_{domain}")
+        labels[f"stopped_{domain}"] = "cut at the template"
     keys += sorted(k for k in present if k.startswith("ppl_"))
     keys += [k for k in ("fluency", "distinct_2") if k in present]
     keys += ["train_seconds"]
@@ -74,7 +77,8 @@ def _cell(key: str, stat: dict | None) -> str:
     if stat is None:
         return "-"
     three_digits = key.startswith(("emt_", "distinct", "auc"))
-    scale, fmt = (100, "{:.1f}%") if key.startswith("toxicity") else (1, "{:.3f}") if three_digits else (1, "{:.1f}")
+    scale, fmt = ((100, "{:.1f}%") if key.startswith(("toxicity", "stopped")) else (1, "{:.3f}") if three_digits
+                  else (1, "{:.1f}"))
     text = fmt.format(scale * stat["mean"])
     if stat["n"] > 1:
         text += " ± " + fmt.format(scale * stat["std"]).rstrip("%")

@@ -235,9 +235,10 @@ def test_report_puts_roc_auc_first_for_classify_runs(tmp_path):
     for seed, auc in enumerate((0.70, 0.80)):
         d = tmp_path / f"seed{seed}"
         d.mkdir()
-        results = {"sft": {"auc": auc, "auc_se": 0.03, "toxicity_judge_toxic": 0.1, "ppl_general": 100.0}}
+        results = {"sft": {"auc": auc, "auc_se": 0.03, "toxicity_judge_toxic": 0.1, "stopped_toxic": 0.5,
+                           "ppl_general": 100.0}}
         (d / "results.json").write_text(json.dumps({**results, "judges": judges}))
         dirs.append(str(d))
     summary, keys, labels = report.aggregate(report.load_runs(dirs))
-    assert keys[:2] == ["auc", "toxicity_judge_toxic"] and labels["auc"] == "ROC-AUC ↑"
-    assert "| sft | 0.750 ± 0.071 | 10.0% ± 0.0 |" in report.markdown(summary, keys, labels)
+    assert keys[:3] == ["auc", "toxicity_judge_toxic", "stopped_toxic"] and labels["auc"] == "ROC-AUC ↑"
+    assert "| sft | 0.750 ± 0.071 | 10.0% ± 0.0 | 50.0% ± 0.0 |" in report.markdown(summary, keys, labels)

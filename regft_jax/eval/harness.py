@@ -46,7 +46,7 @@ from regft_jax.errors import UserInputError
 
 MESH_HELP = ("AXIS:SIZE[/AXIS:SIZE...] with axes data, fsdp, tensor (one SIZE may be -1), e.g. data:-1 or "
              "data:2/tensor:4")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")  # any of them: a tokenizer
 
 
 def local_mesh(spec: Union[str, Mapping[str, int]] = "data:-1"):
@@ -92,9 +92,9 @@ class RegftLM(TemplateLM):
 
         if not os.path.isdir(pretrained):
             raise UserInputError(f"regft_jax model_args pretrained={pretrained!r}: no such directory")
-        if tokenizer is None and not any(os.path.isfile(os.path.join(pretrained, f)) for f in TOKENIZER_FILES):
+        if tokenizer is None and not any(os.path.isfile(os.path.join(pretrained, f)) for f in TOKENIZER_MARKERS):
             raise UserInputError(f"regft_jax model_args pretrained={pretrained!r} holds no tokenizer "
-                                 f"({', '.join(TOKENIZER_FILES)}): give tokenizer=HF_TOKENIZER_DIR")
+                                 f"({', '.join(TOKENIZER_MARKERS)}): give tokenizer=HF_TOKENIZER_DIR")
         self.mesh = local_mesh(mesh)
         self.cfg, self.params, self.guidance, self.guidance_params = load_model_dir(
             pretrained, mesh=self.mesh, **({"dtype": dtype} if dtype else {}))

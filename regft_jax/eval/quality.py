@@ -207,7 +207,7 @@ def quality_report(lm: JudgeLM, records: Sequence[dict], domain: str) -> dict:
     shared = sorted(set.intersection(*(set(v) for v in by_model.values())))
     out = {"models": {}}
     # a likelihood judge's LM is the fluency LM: its memoized scores serve both (each text is scored once)
-    score = (lm.judge.logprobs if isinstance(lm.judge, LikelihoodJudge) else
+    score = (lm.judge.logprobs if isinstance(lm.judge, LikelihoodJudge) and lm.judge.params is lm.params else
              lambda prompts, texts: continuation_logprobs(lm.cfg, lm.params, lm.tokenizer, prompts, texts))
     for name, conts in by_model.items():
         texts = list(conts.values())
