@@ -149,6 +149,16 @@ def _write_jsonl(path: str, records) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def _finish(results: dict, records: list, judges_report: dict, workdir: str) -> dict:
+    """A stage's results with the judges' report; process 0 writes the generation records."""
+    import jax
+
+    results["judges"] = judges_report
+    if jax.process_index() == 0:
+        _write_jsonl(os.path.join(workdir, "generations.jsonl"), records)
+    return results
+
+
 def _prepare(config, check_corpus=None):
     """The mesh, the corpus and the base model every stage after `smoke` starts from; check_corpus(corpus) runs
     before the base model is loaded or pretrained (a stage's data errors come first)."""
@@ -261,8 +271,6 @@ def _save_models(config, workdir: str, models: dict, corpus, cfg) -> None:
 
 
 def run_base(config, workdir: str) -> dict:
-    import jax
-
     mesh, corpus, cfg, params = _prepare(config)
     _, judges, report = _oracles(config, corpus, training=False)
     from regft_jax.train.baselines import Trained
@@ -270,10 +278,7 @@ def run_base(config, workdir: str) -> dict:
     models = {"base": Trained(params)}
     _save_models(config, workdir, models, corpus, cfg)
     results, records = _evaluate(config, models, mesh, corpus, cfg, judges, {}, params)
-    results["judges"] = report
-    if jax.process_index() == 0:
-        _write_jsonl(os.path.join(workdir, "generations.jsonl"), records)
-    return results
+    return _finish(results, records, report, workdir)
 
 
 SUMMARY_KEYS = ("llm/lm_loss", "llm/reg_loss", "aux/aux_loss", "aux/mean_R", "lm_loss", "reward", "kl", "dpo_loss")
@@ -324,8 +329,6 @@ def _train_models(config, names, mesh, cfg, base, train) -> tuple[dict, dict]:
 
 
 def run_detox(config, workdir: str) -> dict:
-    import jax
-
     from regft_jax.train.methods import NEEDS_ORACLE, selected_methods, train_method
 
     names = selected_methods(config)
@@ -335,18 +338,13 @@ def run_detox(config, workdir: str) -> dict:
         name, config, mesh, corpus, lora_cfg, params, oracle, workdir=workdir))
     _save_models(config, workdir, models, corpus, cfg)
     results, records = _evaluate(config, models, mesh, corpus, cfg, judges, timings, base)
-    results["judges"] = report
-    if jax.process_index() == 0:
-        _write_jsonl(os.path.join(workdir, "generations.jsonl"), records)
-    return results
+    return _finish(results, records, report, workdir)
 
 
 def run_classify(config, workdir: str) -> dict:
     """The paper's Jigsaw experiment (regft_jax/eval/classify.py): each variant of config.classify.variants
     fine-tuned to classify the toxic domain's labeled comments, then its ROC-AUC on the held-out ones and the
     detox stage's evaluation of its free generations."""
-    import jax
-
     from regft_jax.eval import classify, judge_label, results_table
     from regft_jax.train.methods import train_method
 
@@ -382,10 +380,7 @@ def run_classify(config, workdir: str) -> dict:
           f"before the template if the model wrote it (then labeling its own text): `cut` is the fraction cut):")
     labels = {f"toxicity_{o}_{toxic}": judge_label(config, o) for o in judges}
     print(results_table(results, keys, {**labels, f"stopped_{toxic}": "cut"}))
-    results["judges"] = report
-    if jax.process_index() == 0:
-        _write_jsonl(os.path.join(workdir, "generations.jsonl"), records)
-    return results
+    return _finish(results, records, report, workdir)
 
 
 STAGES = {"base": run_base, "classify": run_classify, "detox": run_detox, "smoke": run_smoke}

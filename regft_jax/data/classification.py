@@ -17,6 +17,7 @@ through the LM head).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -46,11 +47,11 @@ class PromptFormat:
             if not ids:
                 raise UserInputError(f"config.classify.labels: {word!r} encodes to no token")
 
-    @property
+    @functools.cached_property  # (tokenized once: a frozen dataclass's __dict__ still takes it)
     def template_ids(self) -> list[int]:
         return self.tokenizer.encode_batch([self.template])[0]
 
-    @property
+    @functools.cached_property
     def label_ids(self) -> tuple[list[int], list[int]]:
         neg, pos = self.tokenizer.encode_batch(list(self.labels))
         return neg, pos
