@@ -29,6 +29,7 @@ from flax import struct
 from regft_jax import multihost, sharding as shd
 from regft_jax.errors import UserInputError
 from regft_jax.models import ModelConfig, forward_cached, init_cache, unstack_layers
+from regft_jax.models.decoder import rope_tables
 
 NEG_INF = -1e30
 
@@ -160,6 +161,10 @@ def sample(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.
         for name in ("k", "v"):
             cache[name] = shd.constrain(cache[name], ("layers", "batch", "kv_heads", "length", "head_dim"))
     logits, cache = forward_cached(cfg, params, prompt_tokens, cache, prompt_mask, last_only=True)
+    # The rotary tables of every decode step, computed once: a live row's i-th new token sits at position
+    # prompt length + i (a finished row's slots are never attended). Computed in the loop, XLA on CPU
+    # evaluates the cosine and sine again inside each layer's rotation, for every head.
+    step_rope = rope_tables(cfg, cache["positions"][:, None] + jnp.arange(n))
     gstate, extra = None, jnp.zeros((), jnp.float32)
     if guidance is not None:
         gstate = guidance.init(guidance_params, b, p + n)
@@ -195,7 +200,8 @@ def sample(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.
         token, logp, ref, live, done = choose(logits, extra, done, step_rng)
         out = write(out, i, token, logp, ref, live)
         feed_mask = live[:, None].astype(jnp.int32)
-        logits, cache = forward_cached(cfg, params, token[:, None], cache, feed_mask)
+        rope = tuple(jax.lax.dynamic_slice_in_dim(t, i, 1, axis=1) for t in step_rope)
+        logits, cache = forward_cached(cfg, params, token[:, None], cache, feed_mask, rope=rope)
         if guidance is not None:
             extra, gstate = guidance(guidance_params, gstate, token[:, None], feed_mask)
         return i + 1, logits[:, -1], extra, cache, gstate, done, rng, out

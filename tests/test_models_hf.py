@@ -64,6 +64,34 @@ def test_export_round_trip_loads_in_hf(hf_checkpoint, tmp_path):
     np.testing.assert_allclose(np.asarray(models.forward(cfg2, params2, ids)), hf_logits(model, ids), atol=ATOL)
 
 
+def test_gradients_match_hf(hf_checkpoint, tmp_path):
+    """The LM loss's gradient w.r.t. every weight equals PyTorch autograd's on the HF model."""
+    import safetensors.numpy
+    import torch
+
+    variant, model, path = hf_checkpoint
+    cfg, params = models.load_hf(path)
+    ids = _ids(3, 11, seed=4)
+
+    def loss(p):
+        logp = jax.nn.log_softmax(models.forward(cfg, p, ids)[:, :-1])
+        return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()
+
+    grads = jax.jit(jax.grad(loss))(params)
+    models.save_hf(cfg, grads, str(tmp_path))  # the same name and layout mapping as the weights
+    ours = {}
+    for name in os.listdir(tmp_path):
+        if name.endswith(".safetensors"):
+            ours.update(safetensors.numpy.load_file(str(tmp_path / name)))
+    model.zero_grad()
+    logits = model(torch.tensor(ids)).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), torch.tensor(ids[:, 1:]).flatten()).backward()
+    theirs = {n: p.grad.numpy() for n, p in model.named_parameters()}
+    assert set(theirs) <= set(ours) and len(theirs) > 10
+    for name, g in theirs.items():
+        np.testing.assert_allclose(ours[name], g, atol=2e-5, rtol=1e-4, err_msg=name)
+
+
 def test_cached_decoding_equals_full_forward(hf_checkpoint):
     """Prefill a left-padded prompt batch, then feed one token at a time through the KV cache."""
     variant, model, path = hf_checkpoint

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from regft_jax import sharding as shd
 from regft_jax.errors import UserInputError
 from regft_jax.models.config import ModelConfig
+from regft_jax.models.decoder import token_matmul
 from regft_jax.models.core import (abstract_params, hidden_states, hidden_states_cached, init_cache, init_params,
                                    param_logical_axes)
 
@@ -81,7 +82,7 @@ def init_aux_params(aux_cfg: ModelConfig, rng: jax.Array, *, mean_label: float,
 def _head(params: dict, h: jax.Array) -> jax.Array:
     """z = h W + b in float32, [b, s, vocab]."""
     head = params["head"]
-    z = jnp.einsum("bsd,dv->bsv", h, head["kernel"].astype(h.dtype), preferred_element_type=jnp.float32)
+    z = token_matmul(h, head["kernel"].astype(h.dtype), preferred_element_type=jnp.float32)
     return shd.constrain(z + head["bias"].astype(jnp.float32), ("batch", "length", "vocab"))
 
 

@@ -195,8 +195,10 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Optional[str] 
 
 
 def hidden_states_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
-                         token_mask: Optional[jax.Array] = None) -> tuple[jax.Array, dict, Decoder]:
-    """Hidden states of `tokens` [b, s] appended to the KV cache: (h [b, s, d], cache, module)."""
+                         token_mask: Optional[jax.Array] = None,
+                         rope: Optional[tuple] = None) -> tuple[jax.Array, dict, Decoder]:
+    """Hidden states of `tokens` [b, s] appended to the KV cache: (h [b, s, d], cache, module).
+    rope: the rotary tables (`decoder.rope_tables`) of the tokens' positions, if the caller has them."""
     b, s = tokens.shape
     if token_mask is None:
         token_mask = jnp.ones((b, s), jnp.int32)
@@ -206,19 +208,20 @@ def hidden_states_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, ca
     slots = jnp.broadcast_to(index + jnp.arange(s), (b, s))
     mask = _attention_mask(valid, slots)
     model = module(cfg, params)
-    h, cache = model.hidden_states(tokens, positions, mask, {**cache, "valid": valid}, layers=layer_list(params))
+    h, cache = model.hidden_states(tokens, positions, mask, {**cache, "valid": valid}, layers=layer_list(params),
+                                   rope=rope)
     cache["positions"] = cache["positions"] + token_mask.astype(jnp.int32).sum(-1)
     cache["index"] = index + s
     return h, cache, model
 
 
 def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
-                   token_mask: Optional[jax.Array] = None, *, last_only: bool = False):
+                   token_mask: Optional[jax.Array] = None, *, last_only: bool = False, rope: Optional[tuple] = None):
     """Run `tokens` [b, s] through the model, appending them to the KV cache.
 
     Prefill with the (left-padded) prompt and its mask, then call with s=1 per new token.
     Returns (logits [b, s, vocab] float32, updated cache); with `last_only`, logits [b, 1, vocab]
-    of the last slot only (a prefill never materializes [b, s, vocab]).
+    of the last slot only (a prefill never materializes [b, s, vocab]). rope: as in `hidden_states_cached`.
     """
-    h, cache, model = hidden_states_cached(cfg, params, tokens, cache, token_mask)
+    h, cache, model = hidden_states_cached(cfg, params, tokens, cache, token_mask, rope)
     return model.logits(h[:, -1:] if last_only else h), cache

@@ -66,6 +66,17 @@ def _with_lora(module: nnx.Module, name: str, y: Array, x: Array, down: str, up:
     return y + (module.cfg.lora_scale * jnp.einsum(up, jnp.einsum(down, x, a), b)).astype(y.dtype)
 
 
+def token_matmul(x: Array, w: Array, preferred_element_type=None) -> Array:
+    """x [..., i] @ w [i, o] as one [tokens, i] x [i, o] matrix multiply (leading dims flattened).
+
+    Same values as `x @ w`, but its gradient w.r.t. `w` is a plain 2-D matmul over the tokens. Written
+    over [b, s, i] directly, the weight gradient contracts batch and length separately, and XLA on CPU
+    then transposes the activation gradient element by element before the matmul (2.3x slower SwiGLU
+    MLP forward + backward; bench/RESULTS.md)."""
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w, preferred_element_type=preferred_element_type)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
 # ----------------------------------------------------------------------------------- pieces
 
 
@@ -110,11 +121,16 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-    """Rotate-half rotary embedding (HF layout). x: [b, heads, s, head_dim], positions: [b, s]."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, hd/2]
-    cos = jnp.cos(angles)[:, None]
-    sin = jnp.sin(angles)[:, None]
+def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
+    """cos and sin of the rotary angles [b, s, head_dim / 2] at `positions` [b, s], computed once per
+    forward for every layer's queries and keys."""
+    angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
+    """Rotate-half rotary embedding (HF layout). x: [b, heads, s, head_dim]; rope: `rope_tables`."""
+    cos, sin = (t[:, None] for t in rope)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -145,25 +161,25 @@ class Attention(nnx.Module):
         w = getattr(self, name)[...].astype(dtype)  # [d, heads, hd]
         # A plain [b·s, d] x [d, heads·hd] matmul, then head-major: written as one einsum, XLA on CPU
         # transposes the weight at every call (every decode step).
-        y = jnp.swapaxes((x @ w.reshape(w.shape[0], -1)).reshape(*x.shape[:2], *w.shape[1:]), 1, 2)
+        y = jnp.swapaxes(token_matmul(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:2], *w.shape[1:]), 1, 2)
         y = _with_lora(self, name, y, x.astype(dtype), "bsd,dr->bsr", "bsr,rhk->bhsk")
         if self.cfg.qkv_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(dtype)[:, None]
         return y
 
-    def __call__(self, x: Array, positions: Array, mask: Array, kv: Optional[tuple]) -> tuple:
-        """x: [b, s, d]; mask: [b, s, t] bool (query may attend key); kv: None or the cache
-        (k [layers, b, kv_heads, t, hd], v, this layer's index, first slot to write), or this layer's
-        own cache (k [b, kv_heads, t, hd], v, None, first slot to write).
+    def __call__(self, x: Array, rope: tuple, mask: Array, kv: Optional[tuple]) -> tuple:
+        """x: [b, s, d]; rope: the rotary tables of the tokens' positions (`rope_tables`); mask: [b, s, t]
+        bool (query may attend key); kv: None or the cache (k [layers, b, kv_heads, t, hd], v, this
+        layer's index, first slot to write), or this layer's own cache (k [b, kv_heads, t, hd], v, None,
+        first slot to write).
 
         Returns (output [b, s, d], the updated stacked (k, v) cache, or the fresh keys/values).
         The cache is updated in place (only the new slots are written), so a decode step costs
         no copy of the cache.
         """
         cfg = self.cfg
-        inv_freq = rope_inv_freq(cfg)
-        q = apply_rope(self._project(x, "q"), positions, inv_freq)
-        k = apply_rope(self._project(x, "k"), positions, inv_freq)
+        q = apply_rope(self._project(x, "q"), rope)
+        k = apply_rope(self._project(x, "k"), rope)
         v = self._project(x, "v")
         q = sharding.constrain(q, ("batch", "q_heads", "length", "head_dim"))
         if kv is not None:
@@ -185,7 +201,7 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgst,bktd->bkgsd", probs, v.astype(q.dtype)).reshape(b, h, s, hd)
         out_heads = out
         o = self.o[...].astype(q.dtype)  # [heads, hd, d]
-        out = jnp.swapaxes(out_heads, 1, 2).reshape(b, s, h * hd) @ o.reshape(h * hd, -1)
+        out = token_matmul(jnp.swapaxes(out_heads, 1, 2).reshape(b, s, h * hd), o.reshape(h * hd, -1))
         out = _with_lora(self, "o", out, out_heads, "bhsk,hkr->bsr", "bsr,rd->bsd")
         if cfg.out_bias:
             out = out + self.o_bias[...].astype(q.dtype)
@@ -212,7 +228,8 @@ class MLP(nnx.Module):
                 self.gate_bias = _param(rngs, cfg, (f,), ("mlp",), "zeros", stack)
 
     def _dense(self, x: Array, name: str) -> Array:
-        y = _with_lora(self, name, x @ getattr(self, name)[...].astype(x.dtype), x, "...i,ir->...r", "...r,ro->...o")
+        y = _with_lora(self, name, token_matmul(x, getattr(self, name)[...].astype(x.dtype)), x, "...i,ir->...r",
+                       "...r,ro->...o")
         return y + getattr(self, f"{name}_bias")[...].astype(x.dtype) if self.cfg.mlp_bias else y
 
     def __call__(self, x: Array) -> Array:
@@ -236,9 +253,9 @@ class Block(nnx.Module):
         if cfg.num_block_norms == 2:
             self.mlp_norm = Norm(cfg, rngs, stack)
 
-    def __call__(self, x: Array, positions: Array, mask: Array, kv: Optional[tuple]) -> tuple:
+    def __call__(self, x: Array, rope: tuple, mask: Array, kv: Optional[tuple]) -> tuple:
         h = self.attn_norm(x)
-        attn, new_kv = self.attn(h, positions, mask, kv)
+        attn, new_kv = self.attn(h, rope, mask, kv)
         if self.cfg.parallel_block:
             mlp_in = self.mlp_norm(x) if self.cfg.num_block_norms == 2 else h
             x = x + attn + self.mlp(mlp_in)
@@ -267,8 +284,10 @@ class Decoder(nnx.Module):
             self.lm_head = _param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), "normal", 0)
 
     def hidden_states(self, tokens: Array, positions: Array, mask: Array, cache: Optional[dict] = None,
-                      layers: Optional[tuple] = None):
+                      layers: Optional[tuple] = None, rope: Optional[tuple] = None):
         """Final-norm hidden states [b, s, d] and the updated KV cache (or None).
+
+        rope: the rotary tables at `positions` (`rope_tables`) when the caller has them already.
 
         layers: None (the stacked weights of `self.layers`, applied with `lax.scan`) or a tuple of
         per-layer weights (`core.unstack_layers`), applied one after another in the traced program.
@@ -276,15 +295,16 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         x = jnp.take(self.embed[...], tokens, axis=0).astype(_dtype(cfg.dtype))
         x = sharding.constrain(x, ("batch", "length", "embed"))
+        rope = rope_tables(cfg, positions) if rope is None else rope
         graphdef, layer_params = nnx.split(self.layers)
         if layers is not None:
-            return self._unrolled(graphdef, layers, x, positions, mask, cache)
+            return self._unrolled(graphdef, layers, x, rope, mask, cache)
 
         def layer(carry, per_layer):
             x, kv = carry
             params, i = per_layer
             kv_in = None if kv is None else (*kv, i, cache["index"])
-            x, new_kv = nnx.merge(graphdef, params)(x, positions, mask, kv_in)
+            x, new_kv = nnx.merge(graphdef, params)(x, rope, mask, kv_in)
             return (x, None if kv is None else new_kv), None
 
         if cfg.remat != "none":
@@ -297,7 +317,7 @@ class Decoder(nnx.Module):
             new_cache = {**cache, "k": new_kv[0], "v": new_kv[1]}
         return self.final_norm(x), new_cache
 
-    def _unrolled(self, graphdef, layers: tuple, x: Array, positions: Array, mask: Array, cache: Optional[dict]):
+    def _unrolled(self, graphdef, layers: tuple, x: Array, rope: tuple, mask: Array, cache: Optional[dict]):
         """The layers one after another on their own weight and KV buffers (a per-layer cache,
         `core.init_cache(per_layer=True)`): nothing is sliced out of a stacked array, which XLA on CPU
         copies at every decode step."""
@@ -306,7 +326,7 @@ class Decoder(nnx.Module):
         ks, vs = (None, None) if cache is None else (list(cache["k"]), list(cache["v"]))
         for i, params in enumerate(layers):
             kv = None if cache is None else (ks[i], vs[i], None, cache["index"])
-            x, new_kv = nnx.merge(graphdef, params)(x, positions, mask, kv)
+            x, new_kv = nnx.merge(graphdef, params)(x, rope, mask, kv)
             if cache is not None:
                 ks[i], vs[i] = new_kv
         new_cache = None if cache is None else {**cache, "k": tuple(ks), "v": tuple(vs)}
@@ -314,7 +334,7 @@ class Decoder(nnx.Module):
 
     def logits(self, h: Array) -> Array:
         head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bsd,dv->bsv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = token_matmul(h, head.astype(h.dtype), preferred_element_type=jnp.float32)
         return sharding.constrain(logits, ("batch", "length", "vocab"))
 
     def __call__(self, tokens: Array, positions: Array, mask: Array, cache: Optional[dict] = None):
