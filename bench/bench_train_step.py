@@ -3,12 +3,14 @@
 Same model (a random HF Llama, converted with `regft_jax.models.load_hf`), same batch, same
 optimizer (AdamW, betas (0.9, 0.95), eps 1e-8, weight decay, global-norm clipping at 1.0):
 
-    ours:   regft_jax.train.steps.sft_step, jitted with jit_sharded on make_mesh() (all devices on "fsdp")
+    ours:   regft_jax.train.steps.sft_step, jitted with jit_sharded on make_mesh() (all devices on "fsdp"),
+            twice: layers applied by lax.scan (scan_layers=True, the default: one compiled layer, for deep
+            models) and unrolled in the program (scan_layers=False)
     HF:     model(input_ids).logits -> cross-entropy -> backward -> clip_grad_norm_ -> AdamW.step -> zero_grad
             (eager PyTorch; fused AdamW on CUDA)
 
 Times are per step after two warm-up steps (compilation), in interleaved rounds (one step of each
-side per round); the table shows the median (best in parentheses). The same run measures the machine's
+variant per round); the table shows the median (best in parentheses). The same run measures the machine's
 matmul peak (a square matmul of --peak_n in the compute dtype, JAX and PyTorch, the faster of the
 two) and reports each side's model FLOPs per second as a fraction of it; model FLOPs per step are
 `regft_jax.train.throughput.train_flops_per_token` (6·N + 12·L·H·Q·T per token) x batch x seq.
@@ -34,15 +36,16 @@ from common import (free_torch, heads_for, hf_llama, interleaved_times, jax_matm
                     torch_matmul_flops, torch_sync)
 
 
-def _ours(hf, args, mesh, tokens):
-    """(step fn returning the loss, ModelConfig) of regft_jax's jitted SFT step on `hf`'s weights."""
+def _ours(hf, args, mesh, tokens, scan_layers: bool):
+    """(step fn returning the loss, ModelConfig) of regft_jax's jitted SFT step on `hf`'s weights, its
+    layers applied by `lax.scan` or unrolled in the program (`ModelConfig.scan_layers`)."""
     import jax
     import jax.numpy as jnp
 
     from regft_jax import sharding as shd
     from regft_jax.train.steps import init_train_state, jit_sharded, make_optimizer, sft_step, train_state_shardings
 
-    cfg, params = to_regft(hf, mesh=mesh, param_dtype="float32", dtype=args.dtype)
+    cfg, params = to_regft(hf, mesh=mesh, param_dtype="float32", dtype=args.dtype, scan_layers=scan_layers)
     opt = make_optimizer(args.lr, weight_decay=args.weight_decay, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0)
     state_sh = train_state_shardings(mesh, cfg, opt)
     state = jax.jit(lambda p: init_train_state(p, opt), out_shardings=state_sh)(params)
@@ -126,15 +129,15 @@ def main(argv=None):
         hf = hf_llama(args.vocab, width, layers, heads, args.mlp or 4 * width, device=device,
                       max_positions=max(512, args.seq + 1))
         tokens = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int32)
-        ours, cfg = _ours(hf, args, mesh, tokens)
+        scanned, cfg = _ours(hf, args, mesh, tokens, scan_layers=True)
+        unrolled, _ = _ours(hf, args, mesh, tokens, scan_layers=False)
         theirs = _theirs(hf, args, device, tokens)
-        first = ours(), theirs()  # the same weights and batch: the first losses agree
-        t_ours, t_hf = interleaved_times([ours, theirs], args.repeats, warmup=1)
+        first = scanned(), unrolled(), theirs()  # the same weights and batch: the first losses agree
+        times = interleaved_times([scanned, unrolled, theirs], args.repeats, warmup=1)
         flops = train_flops_per_token(cfg, args.seq) * args.batch * args.seq
-        m_ours, m_hf = float(np.median(t_ours)), float(np.median(t_hf))
-        rows.append((f"{width}x{layers} ({cfg.num_params() / 1e6:.1f}M)", m_ours, t_ours.min(), m_hf, t_hf.min(),
-                     flops, first))
-        del ours, theirs, hf
+        rows.append((f"{width}x{layers} ({cfg.num_params() / 1e6:.1f}M)", [float(np.median(t)) for t in times],
+                     [float(t.min()) for t in times], flops, first))
+        del scanned, unrolled, theirs, hf
         free_torch(device)
 
     nominal = device_peak_tflops(jax.devices()[0].device_kind) if on_gpu else None
@@ -145,13 +148,16 @@ def main(argv=None):
               f"PyTorch {peak_torch / 1e12:.2f} TFLOP/s (% of peak: of the faster"
               + (f"; nominal dense bf16 peak {nominal:.0f} TFLOP/s" if nominal else "")
               + f"); model FLOPs 6·N + 12·L·H·Q·T per token; {machine()}; HF: {torch_info(device)}, eager")
-    lines = ["| shape (params) | regft_jax ms | HF ms | speed-up (HF/ours) | ours % of peak | HF % of peak "
-             "| first loss ours / HF |",
-             "|---|---:|---:|---:|---:|---:|---|"]
-    for shape, m_ours, b_ours, m_hf, b_hf, flops, (l_ours, l_hf) in rows:
-        lines.append(f"| {shape} | {1e3 * m_ours:.1f} ({1e3 * b_ours:.1f}) | {1e3 * m_hf:.1f} ({1e3 * b_hf:.1f}) "
-                     f"| {m_hf / m_ours:.2f}x | {100 * flops / m_ours / peak:.1f}% | {100 * flops / m_hf / peak:.1f}% "
-                     f"| {l_ours:.4f} / {l_hf:.4f} |")
+    lines = ["| shape (params) | regft_jax ms, layers scanned | regft_jax ms, unrolled | HF ms "
+             "| speed-up (HF/ours): scanned, unrolled | ours % of peak (faster) | HF % of peak "
+             "| first loss ours (scanned / unrolled) / HF |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for shape, medians, bests, flops, losses in rows:
+        ms = [f"{1e3 * m:.1f} ({1e3 * b:.1f})" for m, b in zip(medians, bests)]
+        (m_scan, m_unrolled, m_hf) = medians
+        lines.append(f"| {shape} | {' | '.join(ms)} | {m_hf / m_scan:.2f}x, {m_hf / m_unrolled:.2f}x "
+                     f"| {100 * flops / min(m_scan, m_unrolled) / peak:.1f}% | {100 * flops / m_hf / peak:.1f}% "
+                     f"| {' / '.join(f'{x:.4f}' for x in losses)} |")
     report("SFT train step vs HF PyTorch", "bench_train_step.py", argv, header, "\n".join(lines), args.write)
 
 

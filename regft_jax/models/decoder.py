@@ -136,6 +136,52 @@ def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
     return out.astype(x.dtype)
 
 
+def _attend_forward(q: Array, k: Array, v: Array, mask: Array) -> tuple:
+    """(softmax(q kᵀ / sqrt(hd), masked) v, its float32 probabilities). q: [b, kv_heads, groups, s, hd];
+    k, v: [b, kv_heads, t, hd]; mask: [b, s, t] bool (query may attend key)."""
+    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bkgst,bktd->bkgsd", probs.astype(q.dtype), v), probs
+
+
+@jax.custom_vjp
+def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Scaled dot-product attention with grouped KV heads (`_attend_forward`), with a hand-written
+    backward (`_attend_backward`)."""
+    return _attend_forward(q, k, v, mask)[0]
+
+
+def _attend_vjp_forward(q, k, v, mask):
+    out, probs = _attend_forward(q, k, v, mask)
+    return out, (q, k, v, mask, probs, out)
+
+
+def _attend_backward(res, d_out):
+    """Gradients of o = P v with P = softmax(S), S = q kᵀ / sqrt(hd) (masked entries constant):
+
+        dv = Pᵀ do,   dP = do vᵀ,   dS = P ⊙ (dP − rowsum(do ⊙ o)),   dq = dS k / sqrt(hd),   dk = dSᵀ q / sqrt(hd)
+
+    rowsum(do ⊙ o) = rowsum(P ⊙ dP) is the softmax Jacobian's correction, summed over head_dim instead
+    of over the keys; the scale is applied once to dS. Autodiff of the forward instead reduces over the
+    [.., s, t] scores and then differentiates the mask's select and the division separately (slower
+    on CPU: bench/RESULTS.md)."""
+    q, k, v, mask, probs, out = res
+    dt, f32 = q.dtype, jnp.float32
+    dv = jnp.einsum("bkgst,bkgsd->bktd", probs.astype(dt), d_out)
+    dp = jnp.einsum("bkgsd,bktd->bkgst", d_out, v, preferred_element_type=f32)
+    row = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+    # Masked keys have P = 0 unless the whole row is masked (uniform P): the select keeps those rows'
+    # gradient at zero, as differentiating the forward's select does.
+    ds = jnp.where(mask[:, None, None], probs * (dp - row), 0.0) / math.sqrt(q.shape[-1])
+    dq = jnp.einsum("bkgst,bktd->bkgsd", ds.astype(dt), k)
+    dk = jnp.einsum("bkgst,bkgsd->bktd", ds.astype(dt), q)
+    return dq, dk, dv, None
+
+
+attend.defvjp(_attend_vjp_forward, _attend_backward)
+
+
 class Attention(nnx.Module):
     """Multi-head attention with grouped/multi-query KV heads and rotary embeddings."""
 
@@ -192,14 +238,8 @@ class Attention(nnx.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, new_v.astype(cache_v.dtype), start)
             k, v = (cache_k, cache_v) if layer is None else (cache_k[layer], cache_v[layer])
         b, h, s, hd = q.shape
-        groups = h // cfg.num_kv_heads
-        q = q.reshape(b, cfg.num_kv_heads, groups, s, hd)
-        scores = jnp.einsum("bkgsd,bktd->bkgst", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(hd)
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgst,bktd->bkgsd", probs, v.astype(q.dtype)).reshape(b, h, s, hd)
-        out_heads = out
+        q = q.reshape(b, cfg.num_kv_heads, h // cfg.num_kv_heads, s, hd)
+        out_heads = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(b, h, s, hd)
         o = self.o[...].astype(q.dtype)  # [heads, hd, d]
         out = token_matmul(jnp.swapaxes(out_heads, 1, 2).reshape(b, s, h * hd), o.reshape(h * hd, -1))
         out = _with_lora(self, "o", out, out_heads, "bhsk,hkr->bsr", "bsr,rd->bsd")

@@ -77,11 +77,16 @@ def guarded_update(state: TrainState, optimizer: optax.GradientTransformation, g
     (metrics["skipped"] = 1) so non-finite values never reach the parameters or a checkpoint."""
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new = dataclasses.replace(state, step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+
+    def apply(state: TrainState) -> TrainState:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return dataclasses.replace(state, step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                   opt_state=opt_state)
+
+    # A branch, not a select between the new and the old state: the select reads every old buffer of the
+    # donated state after the update has overwritten it, so XLA copies parameters and moments first
+    # (~4% of a CPU SFT step; bench/RESULTS.md).
+    new = jax.lax.cond(finite, apply, lambda state: state, state)
     return new, {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32)}
 
 
