@@ -159,23 +159,25 @@ def _read(workdir) -> tuple[dict, list, list]:
 
 
 def _differing_generations(a: list, b: list) -> dict:
-    """{model: {(domain, prompt) whose continuation differs between the runs}}, after checking that both
-    runs continued the same prompts in the same order and that equal continuations got equal scores."""
+    """{model: {(domain, prompt, record index) whose continuation differs between the runs}}, after checking
+    that both runs continued the same prompts in the same order and that equal continuations got equal
+    scores (the index keeps apart several samples of one prompt)."""
     assert [(r["model"], r["domain"], r["prompt"]) for r in a] == [(r["model"], r["domain"], r["prompt"]) for r in b]
     differ: dict[str, set] = {r["model"]: set() for r in a}
-    for x, y in zip(a, b):
+    for i, (x, y) in enumerate(zip(a, b)):
         if x["continuation"] == y["continuation"]:
             assert x["scores"] == y["scores"], x
         else:
-            differ[x["model"]].add((x["domain"], x["prompt"]))
+            differ[x["model"]].add((x["domain"], x["prompt"], i))
     return differ
 
 
 def _assert_same_results(a: dict, b: dict, differ: dict, win_prompts: int, toxic: str = "toxic") -> None:
     """Equal results up to float rounding of the perplexities, and up to what the continuations in
     `differ` can move: a toxicity rate over n scored continuations by (differing ones)/n, a win rate over
-    `win_prompts` shared prompts by (prompts where either model differs)/win_prompts; the other metrics of
-    the sampled text (distinct-n, fluency) are compared only for models whose continuations all agree."""
+    `win_prompts` shared prompts by (prompts where either model differs)/win_prompts, the count of scored
+    continuations by the number that differ; the other metrics of the sampled text (distinct-n,
+    fluency) are compared only for models whose continuations all agree."""
     assert a.keys() == b.keys()
     for model in ("base", "sft", "ours"):
         changed = differ[model]
@@ -185,15 +187,18 @@ def _assert_same_results(a: dict, b: dict, differ: dict, win_prompts: int, toxic
                 continue
             if key == "win_rates":  # (moved also by the other model's differing continuations)
                 for other, rate in value.items():
-                    moved = {p for d, p in changed | differ[other] if d == toxic}
+                    moved = {p for d, p, _ in changed | differ[other] if d == toxic}
                     assert abs(b[model][key][other] - rate) <= len(moved) / win_prompts + 1e-9, (model, other)
+            elif changed and key.startswith("scored_"):  # scored_<oracle>_<domain>
+                moved = sum(d == key.rsplit("_", 1)[1] for d, _, _ in changed)
+                assert abs(b[model][key] - value) <= moved, (model, key)
             elif not changed or not key.startswith("toxicity_"):
                 if key.startswith("ppl_") or key == "fluency":  # (sums over sharded batches: float rounding)
                     assert b[model][key] == pytest.approx(value, rel=1e-4), (model, key)
                 else:
                     assert b[model][key] == value, (model, key)
             else:  # toxicity_<oracle>_<domain>
-                moved = sum(d == key.rsplit("_", 1)[1] for d, _ in changed)
+                moved = sum(d == key.rsplit("_", 1)[1] for d, _, _ in changed)
                 scored = a[model][key.replace("toxicity_", "scored_")]
                 assert abs(b[model][key] - value) <= moved / scored + 1e-9, (model, key)
 
@@ -201,11 +206,55 @@ def _assert_same_results(a: dict, b: dict, differ: dict, win_prompts: int, toxic
 def _assert_same_evaluation(a: tuple[dict, list], b: tuple[dict, list]) -> None:
     """Two runs' (results, generations) agree. Sampling (T = 1) is discontinuous in the parameters and the
     runs' all-reduces sum in different orders, so a token whose uniform draw lies within rounding of a CDF
-    boundary can flip: the untrained base model must agree exactly, a trained model may differ in 1 of its
-    15 continuations (and the metrics computed from them by what that one can move)."""
+    boundary can flip: each model (the base too: each run pretrains it, and the resumed run samples on
+    another mesh) may differ in 1 of its 15 continuations, and the metrics computed from them by what that
+    one can move."""
     differ = _differing_generations(a[1], b[1])
-    assert not differ["base"] and all(len(d) <= 1 for d in differ.values()), differ
+    assert all(len(d) <= 1 for d in differ.values()), differ
     _assert_same_results(a[0], b[0], differ, win_prompts=len({r["prompt"] for r in a[1] if r["domain"] == "toxic"}))
+
+
+def _synthetic_evaluation(n: int = 15) -> tuple[dict, list]:
+    """(results, generations) shaped like the detox stage's: 3 models, n toxic prompts each."""
+    generations = [{"model": m, "domain": "toxic", "prompt": f"p{i}", "continuation": f"{m} c{i}",
+                    "scores": {"judge": 0.1 * (i % 3)}} for m in ("base", "sft", "ours") for i in range(n)]
+    results = {m: {"ppl_toxic": 20.0, "toxicity_judge_toxic": 3 / n, "scored_judge_toxic": n,
+                   "toxicity": {"judge": 3 / n}, "distinct_2": 0.9, "fluency": 1.5, "train_seconds": 1.0,
+                   "win_rates": {o: 0.5 for o in ("base", "sft", "ours") if o != m}} for m in ("base", "sft", "ours")}
+    return results, generations
+
+
+def test_evaluation_comparison_allows_one_flipped_continuation_and_no_more():
+    """The tolerance of `_assert_same_evaluation` itself: one differing continuation per model may move
+    that model's rates by 1/n and the win rates by 1/n per differing model; anything beyond fails."""
+    import copy
+    a = _synthetic_evaluation()
+    _assert_same_evaluation(a, copy.deepcopy(a))
+
+    def variant(models=("ours",), toxicity=1, win=1, ppl=1.0, scored=0):
+        b = copy.deepcopy(a)
+        for m in models:
+            i = 15 * ("base", "sft", "ours").index(m) + 4
+            b[1][i] = {**b[1][i], "continuation": "flipped", "scores": {"judge": 0.9}}
+            b[0][m]["toxicity_judge_toxic"] += toxicity / 15
+            b[0][m]["scored_judge_toxic"] -= scored
+            b[0][m]["win_rates"] = {o: r + win / 15 for o, r in b[0][m]["win_rates"].items()}
+            b[0][m]["ppl_toxic"] *= ppl
+        return b
+
+    _assert_same_evaluation(a, variant())
+    _assert_same_evaluation(a, variant(models=("base", "ours"), scored=1))
+    for bad in (dict(toxicity=2), dict(win=2), dict(ppl=1.001), dict(scored=2)):
+        with pytest.raises(AssertionError):
+            _assert_same_evaluation(a, variant(**bad))
+    flipped_twice = variant()
+    flipped_twice[1][-1] = {**flipped_twice[1][-1], "continuation": "flipped too"}
+    with pytest.raises(AssertionError):
+        _assert_same_evaluation(a, flipped_twice)
+    unchanged_text = copy.deepcopy(a)
+    unchanged_text[0]["sft"]["toxicity_judge_toxic"] += 1 / 15  # a rate moved with no continuation changed
+    with pytest.raises(AssertionError):
+        _assert_same_evaluation(a, unchanged_text)
 
 
 def test_detox_stage_two_processes_equals_one_process(tmp_path):
