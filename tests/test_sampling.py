@@ -98,6 +98,37 @@ def test_filters_match_hf_logits_warpers(temperature, top_k, top_p):
     np.testing.assert_allclose(ours[keep], np.asarray(ref)[keep], atol=1e-5)
 
 
+def _rows(vocab: int) -> np.ndarray:
+    """Probability rows [n, vocab] float32: flat (a random model's), peaked, with exact zeros (after top-k),
+    with tied values, and one-hot."""
+    rng = np.random.RandomState(0)
+    logits = [rng.randn(vocab) * 0.02, rng.randn(vocab) * 3, -2.0 * np.log(rng.permutation(vocab) + 1.0)]
+    zeros = rng.randn(vocab) * 2
+    zeros[rng.rand(vocab) < 0.7] = -np.inf
+    ties = np.repeat(rng.randn(vocab // 8 + 1) * 2, 8)[:vocab]
+    logits += [zeros, ties, np.where(np.arange(vocab) == 3, 0.0, -np.inf)]
+    return np.asarray(jax.nn.softmax(jnp.asarray(np.stack(logits), jnp.float32), axis=-1))
+
+
+@pytest.mark.parametrize("vocab", [97, 4096])
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999, 1.0])
+def test_nucleus_equals_brute_force(vocab, top_p):
+    """The bisected mask equals the definition evaluated token by token: v is kept iff the mass of the
+    tokens more probable than v is below top_p (float64 sums; a token whose mass above lies within float32
+    rounding of top_p is not compared, since there the order of summation decides)."""
+    probs = _rows(vocab)
+    above = np.array([[row[row > x].sum(dtype=np.float64) for x in row] for row in probs])
+    clear = np.abs(above - top_p) > 1e-5
+    assert clear.mean() > 0.6  # most tokens are compared (at top_p = 1, the zeros of the masked rows are not)
+    nucleus = jax.jit(sampling.nucleus)
+    keep = np.asarray(nucleus(jnp.asarray(probs), jnp.float32(top_p)))
+    np.testing.assert_array_equal(keep[clear], (above < top_p)[clear])
+    # each row alone (the bisection stops when every row of the batch has converged)
+    alone = np.concatenate([nucleus(jnp.asarray(row[None]), jnp.float32(top_p)) for row in probs])
+    np.testing.assert_array_equal(alone, keep)
+    assert keep.any(-1).all()  # the most probable token is always kept
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenBias:
     """Guidance adding params["bias"] [vocab] at every step; its state counts consumed tokens."""
