@@ -33,7 +33,8 @@ def _hf_greedy(hf, prompt, n):
 
 def test_greedy_equals_hf_generate(converted):
     hf, cfg, params = converted
-    n = 12
+    n = 40  # the decode loop runs in 3 parts over a growing KV cache (`sampling.decode_part_ends`)
+    assert len(sampling.decode_part_ends(n, 4)) == 3
     ours = sampling.generate(cfg, params, PROMPTS, max_new_tokens=n)  # one left-padded batch
     for prompt, got in zip(PROMPTS, ours):
         assert got == _hf_greedy(hf, prompt, n)
@@ -163,7 +164,7 @@ def test_sharded_sampling_equals_single_device(converted):
     mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
     sh = sharding.param_shardings(mesh, models.param_logical_axes(cfg), models.abstract_params(cfg))
     sharded = sharding.shard_tree(params, sh)
-    kw = dict(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=2, return_logprobs=True)
+    kw = dict(max_new_tokens=30, temperature=0.8, top_p=0.9, seed=2, return_logprobs=True)  # 2 decode parts
     single, single_lp = sampling.generate(cfg, params, PROMPTS * 2, **kw)
     multi, multi_lp = sampling.generate(cfg, sharded, PROMPTS * 2, mesh=mesh, **kw)
     assert multi == single
@@ -227,6 +228,50 @@ def test_two_level_categorical_matches_probabilities_and_skips_zeros(vocab):
         df = keep.sum() - 1
         threshold = df * (1 - 2 / (9 * df) + 3.72 * np.sqrt(2 / (9 * df))) ** 3 if df else 0.0
         assert chi2 <= threshold, (chi2, df, threshold)
+
+
+def test_decode_part_ends_cover_every_step_in_near_equal_parts():
+    for n in range(1, 120):
+        steps = n - 1
+        for parts in range(1, 7):
+            ends = sampling.decode_part_ends(n, parts, min_steps=12)
+            lengths = np.diff([0] + ends)
+            assert ends[-1] == steps and len(ends) <= parts
+            assert lengths.max() - lengths.min() <= 1
+            if len(ends) > 1:
+                assert lengths.min() >= 12
+            # as many parts as allowed: one more would be too many or too short
+            assert len(ends) == parts or steps // (len(ends) + 1) < 12
+
+
+@pytest.mark.parametrize("unstacked", [False, True])
+def test_decode_in_parts_equals_one_loop(converted, unstacked):
+    """The decode loop in parts over a growing KV cache samples what one loop over the full-length
+    cache does: the same tokens (top-p sampling), log-probs to float rounding, rows that stop at EOS
+    in different parts."""
+    _, cfg, params = converted
+    n = 40
+    rng = np.random.default_rng(1)
+    tokens, mask = sampling.pad_prompts([rng.integers(1, VOCAB, k).tolist() for k in (3, 7, 5, 1, 6, 2)], 8, 6)
+
+    def run(parts, eos_id=None):
+        return jax.jit(lambda p, t, m: sampling.sample(
+            cfg, p, t, m, jax.random.key(4), max_new_tokens=n, temperature=0.9, top_p=0.95, eos_id=eos_id,
+            unstacked=unstacked, decode_parts=parts))(params, tokens, mask)
+
+    free = np.asarray(run(1).tokens)
+    first = lambda token: np.asarray([(row == token).argmax() if (row == token).any() else n for row in free])
+    # EOS: a token row 0 first emits in the second part (steps 13-25) while another row runs on past it
+    eos = next(int(t) for t in free[0, 13:26] if 13 <= first(t)[0] < 26 and first(t).max() >= 26)
+    one, three = run(1, eos), run(3, eos)
+    assert sampling.decode_part_ends(n, 3) == [13, 26, 39]
+    np.testing.assert_array_equal(np.asarray(one.mask).sum(1), np.minimum(first(eos) + 1, n))
+    np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(three.tokens))
+    np.testing.assert_array_equal(np.asarray(one.mask), np.asarray(three.mask))
+    np.testing.assert_allclose(np.asarray(one.logprobs), np.asarray(three.logprobs), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(one.ref_logprobs), np.asarray(three.ref_logprobs), atol=1e-5)
+    with pytest.raises(ValueError, match="max_len=3"):
+        models.grow_cache(models.init_cache(cfg, 1, 5), 3)
 
 
 def test_argmax_is_first_maximum():

@@ -6,6 +6,7 @@ from regft_jax.models.core import (
     default_positions,
     forward,
     forward_cached,
+    grow_cache,
     init_cache,
     init_params,
     module,
@@ -18,6 +19,6 @@ from regft_jax.models.hf import load_hf, save_hf
 
 __all__ = [
     "ConfigError", "ModelConfig", "RopeScaling", "from_hf_config", "to_hf_config",
-    "abstract_params", "default_positions", "forward", "forward_cached", "init_cache", "init_params",
+    "abstract_params", "default_positions", "forward", "forward_cached", "grow_cache", "init_cache", "init_params",
     "module", "packed_inputs", "param_logical_axes", "segment_positions", "unstack_layers", "load_hf", "save_hf",
 ]

@@ -194,6 +194,17 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Optional[str] 
     }
 
 
+def grow_cache(cache: dict, max_len: int) -> dict:
+    """`cache` (`init_cache`) with room for `max_len` slots: the new slots are empty (zero keys and
+    values, not valid), the filled ones unchanged. One copy of the cache."""
+    grow = max_len - cache["valid"].shape[1]
+    if grow < 0:
+        raise ValueError(f"grow_cache: max_len={max_len} is below the cache's {cache['valid'].shape[1]} slots")
+    pad = lambda a, axis: jnp.pad(a, [(0, grow if d == axis % a.ndim else 0) for d in range(a.ndim)])
+    kv = lambda x: tuple(pad(a, -2) for a in x) if isinstance(x, tuple) else pad(x, -2)  # slots: axis -2
+    return {**cache, "k": kv(cache["k"]), "v": kv(cache["v"]), "valid": pad(cache["valid"], 1)}
+
+
 def hidden_states_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
                          token_mask: Optional[jax.Array] = None,
                          rope: Optional[tuple] = None) -> tuple[jax.Array, dict, Decoder]:
