@@ -8,7 +8,7 @@
 The prompt batch is left-padded (`prompt_mask` 1 = real token), prefilled in one call, then a
 `lax.while_loop` emits one token per iteration for all rows (no per-token Python dispatch) and
 stops early once every row has produced `eos_id`. The loop runs in a few parts whose KV cache grows
-between them, so early steps do not read the empty slots of later ones (`decode_part_ends`).
+between them, so early steps read fewer of the empty slots that later steps fill (`decode_part_ends`).
 Per step, the next-token logits are
 
     logits = logits_model + guidance_logits              (guidance: e.g. NADO's log σ(z_aux))
@@ -149,10 +149,11 @@ def sample(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.
     the weights per call, 1.1-1.5x faster on CPU and on an H200, bench/RESULTS.md) rather than scanning
     the stacked layers (XLA copies a layer's slice of each stacked weight and cache at every step);
     False saves the copy's memory.
-    decode_parts: the decode loop runs in up to this many parts (`decode_part_ends`), each over a KV
-    cache only as long as its last step needs; the cache grows (one copy) between parts. With 4 parts
-    a step reads about p + 5n/8 slots of the cache instead of p + n, for one more compiled loop body
-    per part (5-15% faster on CPU, bench/RESULTS.md).
+    decode_parts: the decode loop runs in up to this many parts (`decode_part_ends`: 1 part below 25
+    new tokens, 4 from 49), each over a KV cache only as long as its last step needs; the cache grows
+    (one copy) between parts. With 4 parts a step reads about p + 5n/8 slots of the cache instead of
+    p + n (5-15% faster with 64 new tokens on CPU, bench/RESULTS.md), for one compiled loop body per
+    part (twice the compile time). Guidance keeps its own full-length state.
     """
     if max_new_tokens < 1:
         raise UserInputError(f"max_new_tokens={max_new_tokens}: expected >= 1")
@@ -235,7 +236,7 @@ def decode_part_ends(max_new_tokens: int, parts: int, min_steps: int = 12) -> li
     near-equal length, none shorter than `min_steps` unless there is only one (a short loop gains
     little from a shorter cache and would compile a loop body per part)."""
     steps = max_new_tokens - 1
-    parts = max(1, min(parts, steps // min_steps))
+    parts = max(1, min(parts, steps // max(min_steps, 1)))
     return [steps * (k + 1) // parts for k in range(parts)]
 
 

@@ -164,7 +164,8 @@ def test_sharded_sampling_equals_single_device(converted):
     mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
     sh = sharding.param_shardings(mesh, models.param_logical_axes(cfg), models.abstract_params(cfg))
     sharded = sharding.shard_tree(params, sh)
-    kw = dict(max_new_tokens=30, temperature=0.8, top_p=0.9, seed=2, return_logprobs=True)  # 2 decode parts
+    kw = dict(max_new_tokens=30, temperature=0.8, top_p=0.9, seed=2, return_logprobs=True)
+    assert len(sampling.decode_part_ends(30, 4)) == 2  # the decode loop in 2 parts
     single, single_lp = sampling.generate(cfg, params, PROMPTS * 2, **kw)
     multi, multi_lp = sampling.generate(cfg, sharded, PROMPTS * 2, mesh=mesh, **kw)
     assert multi == single
@@ -244,34 +245,79 @@ def test_decode_part_ends_cover_every_step_in_near_equal_parts():
             assert len(ends) == parts or steps // (len(ends) + 1) < 12
 
 
+@dataclasses.dataclass(frozen=True)
+class StopAfter:
+    """Guidance forcing `eos` once a row has consumed params["stop"][row] tokens (prompt included)."""
+    eos: int
+
+    def init(self, params, batch, max_len):
+        return jnp.zeros((batch,), jnp.int32)
+
+    def __call__(self, params, state, tokens, token_mask):
+        state = state + token_mask.sum(-1)
+        force = (state >= params["stop"])[:, None] & (jnp.arange(VOCAB) == self.eos)
+        return jnp.where(force, 1e9, 0.0), state
+
+
 @pytest.mark.parametrize("unstacked", [False, True])
 def test_decode_in_parts_equals_one_loop(converted, unstacked):
     """The decode loop in parts over a growing KV cache samples what one loop over the full-length
-    cache does: the same tokens (top-p sampling), log-probs to float rounding, rows that stop at EOS
-    in different parts."""
+    cache does: the same tokens (top-p sampling) and log-probs to float rounding, with rows that stop
+    at EOS in different parts, and with every row stopped in the first part (the later parts' loops
+    run no step)."""
     _, cfg, params = converted
     n = 40
+    assert sampling.decode_part_ends(n, 3) == [13, 26, 39]
     rng = np.random.default_rng(1)
-    tokens, mask = sampling.pad_prompts([rng.integers(1, VOCAB, k).tolist() for k in (3, 7, 5, 1, 6, 2)], 8, 6)
+    prompts = [rng.integers(1, VOCAB, k).tolist() for k in (3, 7, 5, 1, 6, 2)]
+    tokens, mask = sampling.pad_prompts(prompts, 8, 6)
 
-    def run(parts, eos_id=None):
+    def run(parts, eos_id=None, guidance=None, guidance_params=None):
         return jax.jit(lambda p, t, m: sampling.sample(
             cfg, p, t, m, jax.random.key(4), max_new_tokens=n, temperature=0.9, top_p=0.95, eos_id=eos_id,
-            unstacked=unstacked, decode_parts=parts))(params, tokens, mask)
+            unstacked=unstacked, decode_parts=parts, guidance=guidance, guidance_params=guidance_params))(
+            params, tokens, mask)
+
+    def assert_same(one, three):
+        np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(three.tokens))
+        np.testing.assert_array_equal(np.asarray(one.mask), np.asarray(three.mask))
+        np.testing.assert_allclose(np.asarray(one.logprobs), np.asarray(three.logprobs), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(one.ref_logprobs), np.asarray(three.ref_logprobs), atol=1e-5)
 
     free = np.asarray(run(1).tokens)
     first = lambda token: np.asarray([(row == token).argmax() if (row == token).any() else n for row in free])
     # EOS: a token row 0 first emits in the second part (steps 13-25) while another row runs on past it
     eos = next(int(t) for t in free[0, 13:26] if 13 <= first(t)[0] < 26 and first(t).max() >= 26)
-    one, three = run(1, eos), run(3, eos)
-    assert sampling.decode_part_ends(n, 3) == [13, 26, 39]
+    one = run(1, eos)
     np.testing.assert_array_equal(np.asarray(one.mask).sum(1), np.minimum(first(eos) + 1, n))
-    np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(three.tokens))
-    np.testing.assert_array_equal(np.asarray(one.mask), np.asarray(three.mask))
-    np.testing.assert_allclose(np.asarray(one.logprobs), np.asarray(three.logprobs), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(one.ref_logprobs), np.asarray(three.ref_logprobs), atol=1e-5)
+    assert_same(one, run(3, eos))
+    # every row stops within the first part, after 3-8 new tokens
+    stop = {"stop": jnp.asarray([len(p) + 2 + i for i, p in enumerate(prompts)])}
+    one = run(1, 7, StopAfter(7), stop)
+    np.testing.assert_array_equal(np.asarray(one.mask).sum(1), np.arange(3, 9))
+    assert_same(one, run(3, 7, StopAfter(7), stop))
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_grow_cache_keeps_the_filled_slots(per_layer):
+    cfg = models.ModelConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8,
+                             mlp_dim=32, max_seq_len=16)
+    params = models.init_params(cfg, jax.random.key(0))
+    if per_layer:
+        params = models.unstack_layers(params)
+    cache = models.init_cache(cfg, 2, 5, per_layer=per_layer)
+    _, cache = models.forward_cached(cfg, params, jnp.asarray([[3, 4, 5], [6, 7, 8]]), cache,
+                                     jnp.asarray([[1, 1, 1], [0, 1, 1]]))
+    grown = models.grow_cache(cache, 9)
+    for name in ("k", "v"):
+        for old, new in zip(*(jax.tree.leaves(c[name]) for c in (cache, grown))):
+            assert new.shape == (*old.shape[:-2], 9, old.shape[-1])  # [.., slots, head_dim]
+            np.testing.assert_array_equal(np.asarray(new[..., :5, :]), np.asarray(old))
+            assert not np.asarray(new[..., 5:, :]).any() and np.asarray(old[..., 1:3, :]).any()
+    np.testing.assert_array_equal(np.asarray(grown["valid"]), [[1, 1, 1, 0, 0, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0, 0, 0]])
+    assert int(grown["index"]) == 3 and grown["positions"].tolist() == [3, 2]
     with pytest.raises(ValueError, match="max_len=3"):
-        models.grow_cache(models.init_cache(cfg, 1, 5), 3)
+        models.grow_cache(cache, 3)
 
 
 def test_argmax_is_first_maximum():
