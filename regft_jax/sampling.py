@@ -153,7 +153,9 @@ def sample(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.
     new tokens, 4 from 49), each over a KV cache only as long as its last step needs; the cache grows
     (one copy) between parts. With 4 parts a step reads about p + 5n/8 slots of the cache instead of
     p + n (5-15% faster with 64 new tokens on CPU, bench/RESULTS.md), for one compiled loop body per
-    part (twice the compile time). Guidance keeps its own full-length state.
+    part (twice the compile time) and, while the cache grows, the old and the new one side by side (up
+    to 1.75x the full cache's memory; 1 part allocates the full cache once). Guidance keeps its own
+    full-length state.
     """
     if max_new_tokens < 1:
         raise UserInputError(f"max_new_tokens={max_new_tokens}: expected >= 1")
@@ -242,7 +244,7 @@ def decode_part_ends(max_new_tokens: int, parts: int, min_steps: int = 12) -> li
 
 def make_sampler(cfg: ModelConfig, mesh=None, *, max_new_tokens: int, greedy: bool = False, top_k: int = 0,
                  use_top_p: bool = False, eos_id: Optional[int] = None, pad_id: int = 0,
-                 guidance: Optional[Guidance] = None):
+                 guidance: Optional[Guidance] = None, decode_parts: int = 4):
     """The jitted sampler: fn(params, guidance_params, prompt_tokens, prompt_mask, rng, temperature, top_p)
     -> SampleOutput. Compiled once per prompt shape; temperature and top_p are traced values.
     The same arguments return the same function (and its compilations).
@@ -250,12 +252,14 @@ def make_sampler(cfg: ModelConfig, mesh=None, *, max_new_tokens: int, greedy: bo
     With a mesh, the batch is sharded over the data-parallel axes (pass the prompt arrays as global
     jax.Arrays, `multihost.to_global`, as `generate` does: required with more than one process),
     params keep the shardings they come with, and activation/cache constraints in model code are active.
+    decode_parts: as in `sample`.
     """
-    return _make_sampler(cfg, mesh, max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, guidance)
+    return _make_sampler(cfg, mesh, max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, guidance,
+                         decode_parts)
 
 
 @functools.lru_cache(maxsize=64)
-def _make_sampler(cfg, mesh, max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, guidance):
+def _make_sampler(cfg, mesh, max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, guidance, decode_parts):
     rules = None
 
     def fn(params, guidance_params, prompt_tokens, prompt_mask, rng, temperature, top_p):
@@ -263,7 +267,7 @@ def _make_sampler(cfg, mesh, max_new_tokens, greedy, top_k, use_top_p, eos_id, p
             return sample(cfg, params, prompt_tokens, prompt_mask, rng, max_new_tokens=max_new_tokens,
                           temperature=0.0 if greedy else temperature, top_k=top_k,
                           top_p=top_p if use_top_p else None, eos_id=eos_id, pad_id=pad_id,
-                          guidance=guidance, guidance_params=guidance_params)
+                          guidance=guidance, guidance_params=guidance_params, decode_parts=decode_parts)
 
     if mesh is None:
         return jax.jit(fn)
@@ -294,13 +298,14 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_id: Optional[int] = None, pad_id: int = 0, mesh=None, batch_size: int = 64,
              guidance: Optional[Guidance] = None, guidance_params: Any = None,
-             return_logprobs: bool = False):
+             return_logprobs: bool = False, decode_parts: int = 4):
     """Continue each prompt (a list of token ids); returns the new token ids per prompt (cut after
     EOS, which is kept). temperature 0.0 = greedy. With `return_logprobs`, also returns per-prompt
     (logprobs, ref_logprobs) lists as numpy arrays.
 
     Prompts are processed in batches of `batch_size`, padded to power-of-two lengths and batch
     sizes (multiples of the mesh's data-parallel size), so repeated calls reuse compilations.
+    decode_parts: as in `sample` (1: the full KV cache at once, the least memory).
     """
     if not prompts:
         return ([], []) if return_logprobs else []
@@ -317,7 +322,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
                              f"exceeds the model's max_seq_len {cfg.max_seq_len}")
     dp = 1 if mesh is None else shd.batch_shards(mesh)
     fn = make_sampler(cfg, mesh, max_new_tokens=max_new_tokens, greedy=temperature == 0.0, top_k=top_k,
-                      use_top_p=top_p < 1.0, eos_id=eos_id, pad_id=pad_id, guidance=guidance)
+                      use_top_p=top_p < 1.0, eos_id=eos_id, pad_id=pad_id, guidance=guidance,
+                      decode_parts=decode_parts)
     rng = jax.random.key(seed)
     results, logps = [], []
     for start in range(0, len(prompts), batch_size):

@@ -33,9 +33,9 @@ def _hf_greedy(hf, prompt, n):
 
 def test_greedy_equals_hf_generate(converted):
     hf, cfg, params = converted
-    n = 40  # the decode loop runs in 3 parts over a growing KV cache (`sampling.decode_part_ends`)
-    assert len(sampling.decode_part_ends(n, 4)) == 3
-    ours = sampling.generate(cfg, params, PROMPTS, max_new_tokens=n)  # one left-padded batch
+    n = 40  # the decode loop in 3 parts over a growing KV cache (`sampling.decode_part_ends`)
+    assert len(sampling.decode_part_ends(n, 3)) == 3
+    ours = sampling.generate(cfg, params, PROMPTS, max_new_tokens=n, decode_parts=3)  # one left-padded batch
     for prompt, got in zip(PROMPTS, ours):
         assert got == _hf_greedy(hf, prompt, n)
 
