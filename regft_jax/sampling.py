@@ -164,15 +164,8 @@ def sample(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.
     n = max_new_tokens
     rows = jnp.arange(b)
     ends = decode_part_ends(n, decode_parts)
-
-    def constrained(cache):
-        kv = ("batch", "kv_heads", "length", "head_dim")
-        put = (lambda x: tuple(shd.constrain(a, kv) for a in x)) if unstacked else (
-            lambda x: shd.constrain(x, ("layers", *kv)))
-        return {**cache, "k": put(cache["k"]), "v": put(cache["v"])}
-
     # Step i writes slot p + i: the cache of a part ending at step `end` holds p + end slots.
-    cache = constrained(init_cache(cfg, b, p + ends[0], per_layer=unstacked))
+    cache = shd.constrain_kv_cache(init_cache(cfg, b, p + ends[0], per_layer=unstacked))
     if unstacked:
         params = unstack_layers(params)  # each layer's weights and KV cache in buffers of their own
     logits, cache = forward_cached(cfg, params, prompt_tokens, cache, prompt_mask, last_only=True)
@@ -224,7 +217,7 @@ def sample(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.
     carry = (jnp.int32(0), logits[:, -1], extra, cache, gstate, jnp.zeros((b,), bool), rng, out)
     for part, end in enumerate(ends):
         if part:
-            carry = (*carry[:3], constrained(grow_cache(carry[3], p + end)), *carry[4:])
+            carry = (*carry[:3], shd.constrain_kv_cache(grow_cache(carry[3], p + end)), *carry[4:])
         carry = jax.lax.while_loop(lambda c, end=end: (c[0] < end) & ~jnp.all(c[5]), body, carry)
     i, logits, extra, _, _, done, rng, out = carry
     # The last token needs no forward pass after it.

@@ -213,3 +213,11 @@ def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical_axes, x.shape, rules))
+
+
+def constrain_kv_cache(cache: dict) -> dict:
+    """`constrain` on a KV cache (`models.init_cache`): keys and values stacked over layers
+    [layers, b, kv_heads, t, hd], or one [b, kv_heads, t, hd] array per layer."""
+    axes = ("batch", "kv_heads", "length", "head_dim")
+    put = lambda a: constrain(a, axes if a.ndim == len(axes) else ("layers", *axes))
+    return {**cache, "k": jax.tree.map(put, cache["k"]), "v": jax.tree.map(put, cache["v"])}

@@ -106,7 +106,10 @@ _PIECES = textwrap.dedent("""
     shardings = sharding.param_shardings(mesh, models.param_logical_axes(cfg), models.abstract_params(cfg))
     params = jax.jit(lambda k: models.init_params(cfg, k), out_shardings=shardings)(jax.random.key(0))
     prompts = [[1, 5 + i, 7, 9][: 2 + i % 3] for i in range(6)]
-    gen = sampling.generate(cfg, params, prompts, max_new_tokens=5, temperature=1.0, seed=3, mesh=mesh)
+    kw = dict(max_new_tokens=26, temperature=1.0, seed=3, mesh=mesh)
+    assert len(sampling.decode_part_ends(26, 4)) == 2  # the decode loop in 2 parts, the cache grown once
+    gen = sampling.generate(cfg, params, prompts, **kw)
+    assert gen == sampling.generate(cfg, params, prompts, **kw, decode_parts=1)
     rows = pack_documents([list(range(2, 2 + n)) for n in (5, 9, 13, 7, 11)], 9, pad_id=0, bos_id=1, eos_id=2)
     ppl = perplexity(cfg, params, rows, batch_size=2, mesh=mesh)
 
@@ -147,7 +150,7 @@ def test_generation_perplexity_and_scoring_across_two_processes(tmp_path):
     assert sorted(r["seen"] for r in results) == [2, 3]
     expected = [round(len(c) % 7 / 7, 6) for c in results[0]["conts"]]
     assert results[0]["scores"] == pytest.approx(expected)
-    assert len(results[0]["gen"]) == 6 and all(1 <= len(g) <= 5 for g in results[0]["gen"])
+    assert len(results[0]["gen"]) == 6 and all(len(g) == 26 for g in results[0]["gen"])
     assert np.isfinite(results[0]["ppl"]) and results[0]["ppl"] > 1
 
 

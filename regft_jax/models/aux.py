@@ -117,10 +117,7 @@ class AuxGuidance:
     cfg: ModelConfig
 
     def init(self, params: Any, batch: int, max_len: int) -> dict:
-        cache = init_cache(self.cfg, batch, max_len)
-        for name in ("k", "v"):
-            cache[name] = shd.constrain(cache[name], ("layers", "batch", "kv_heads", "length", "head_dim"))
-        return cache
+        return shd.constrain_kv_cache(init_cache(self.cfg, batch, max_len))
 
     def __call__(self, params: Any, state: dict, tokens: jax.Array, token_mask: jax.Array):
         z, state = aux_logits_cached(self.cfg, params, tokens, state, token_mask, last_only=True)

@@ -201,7 +201,7 @@ def grow_cache(cache: dict, max_len: int) -> dict:
     if grow < 0:
         raise ValueError(f"grow_cache: max_len={max_len} is below the cache's {cache['valid'].shape[1]} slots")
     pad = lambda a, axis: jnp.pad(a, [(0, grow if d == axis % a.ndim else 0) for d in range(a.ndim)])
-    kv = lambda x: tuple(pad(a, -2) for a in x) if isinstance(x, tuple) else pad(x, -2)  # slots: axis -2
+    kv = lambda x: jax.tree.map(lambda a: pad(a, -2), x)  # [.., slots, head_dim], stacked or per layer
     return {**cache, "k": kv(cache["k"]), "v": kv(cache["v"]), "valid": pad(cache["valid"], 1)}
 
 
