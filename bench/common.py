@@ -4,7 +4,9 @@ to RESULTS.md.
 
 Importing this module sets XLA_PYTHON_CLIENT_PREALLOCATE=false (unless set): on a GPU, JAX would
 otherwise reserve 75% of the device memory at start and leave too little for the PyTorch side of a
-comparison. Nothing here imports ml_collections (the GPU machine has none).
+comparison. On CPU it applies regft_jax.hostmem's malloc settings, as `regft_jax.main` does: they hold
+for the whole process, so for both sides of a comparison. Nothing here imports ml_collections (the GPU
+machine has none).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+from regft_jax.hostmem import reuse_freed_host_memory  # noqa: E402
+
+HOST_MALLOC = reuse_freed_host_memory()
+
 
 def load_config(path: str):
     """`get_config()` of a configs/*.py file."""
@@ -38,7 +44,8 @@ def machine() -> str:
     device = jax.devices()[0]
     kind = f" ({device.device_kind})" if device.platform != "cpu" else ""
     return (f"{jax.device_count()} {device.platform} device(s){kind}, jax {jax.__version__}, "
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+            + ("; glibc malloc: one arena, no mmap (regft_jax/hostmem.py, both sides)" if HOST_MALLOC else ""))
 
 
 def report(title: str, script: str, argv, header: str, table: str, write: bool) -> None:

@@ -453,7 +453,10 @@ def _parse_flags(argv):
 
 def entry() -> None:
     from regft_jax.errors import UserInputError
+    from regft_jax.hostmem import reuse_freed_host_memory
     from regft_jax.preemption import EXIT_CODE, Preempted
+
+    reuse_freed_host_memory()  # before JAX starts its threads (CPU only)
 
     try:
         _removed_flags(sys.argv[1:])

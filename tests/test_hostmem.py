@@ -1,0 +1,69 @@
+"""regft_jax.hostmem: with the malloc settings, an XLA CPU program's large temporary block is reused
+between calls instead of being mapped (and page-faulted) afresh each time. Each case runs in a fresh
+process: the settings must precede JAX's backend."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from regft_jax import hostmem
+
+# exp(a @ b) @ c keeps a [4096, 5120] float32 temporary: 80 MiB, 20,480 pages, above the 64 MiB of a
+# thread arena's heap. Prints the median page faults of 5 calls, after 3 warm-up calls (the heap's layout
+# settles in the first calls).
+_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    from regft_jax.hostmem import reuse_freed_host_memory
+    print("applied", reuse_freed_host_memory())
+    import jax, jax.numpy as jnp
+    f = jax.jit(lambda a, b, c: jnp.exp(a @ b) @ c)
+    a, b, c = jnp.ones((4096, 64)) / 64, jnp.ones((64, 5120)), jnp.ones((5120, 4))
+    faults = []
+    for _ in range(8):
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        f(a, b, c).block_until_ready()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+    print("faults", sorted(faults[3:])[2])
+""")
+_PAGES = 4096 * 5120 * 4 // 4096
+
+
+def _run(**env) -> tuple[bool, float]:
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
+    values = dict(line.split(" ") for line in out if line)
+    return values["applied"] == "True", float(values["faults"])
+
+
+def _transparent_huge_pages_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(hostmem._glibc() is None, reason="glibc malloc settings (Linux) only")
+def test_temporaries_are_not_page_faulted_again():
+    applied, faults = _run()
+    assert applied
+    assert faults < 0.01 * _PAGES, faults  # the block's pages stay mapped between calls
+    applied, faults = _run(**{hostmem.ENV: "0"})
+    assert not applied
+    if not _transparent_huge_pages_always():  # (2 MiB pages would fault 512x less often)
+        assert faults > 0.9 * _PAGES, faults  # without: every call maps and faults the whole block again
+
+
+def test_not_applied_where_it_cannot_or_should_not_apply():
+    # this process's backends exist (conftest): XLA's threads already have their arenas
+    import jax
+
+    jax.devices()
+    with pytest.warns(UserWarning, match="backends already exist"):
+        assert not hostmem.reuse_freed_host_memory()
+    assert not hostmem.jax_runs_on_cpu_only("cuda,cpu")
+    assert not hostmem.jax_runs_on_cpu_only("tpu")
+    assert hostmem.jax_runs_on_cpu_only("cpu")
