@@ -45,7 +45,7 @@ def machine() -> str:
     kind = f" ({device.device_kind})" if device.platform != "cpu" else ""
     return (f"{jax.device_count()} {device.platform} device(s){kind}, jax {jax.__version__}, "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-            + ("; glibc malloc: one arena, no mmap (regft_jax/hostmem.py, both sides)" if HOST_MALLOC else ""))
+            + ("; glibc malloc: one arena, no mmap, 1 GiB kept (regft_jax/hostmem.py, both sides)" if HOST_MALLOC else ""))
 
 
 def report(title: str, script: str, argv, header: str, table: str, write: bool) -> None:

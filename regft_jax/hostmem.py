@@ -1,19 +1,25 @@
 """Host memory allocator settings for XLA on CPU (Linux, glibc).
 
 XLA's CPU runtime allocates one block for each execution's temporaries (118 MiB for the width-128
-train step of `bench/bench_train_step.py`) and frees it when the execution ends. The program runs on
-one of XLA's threads, not on Python's, and glibc serves each thread from its own arena, whose heaps
-hold at most 64 MiB: a larger block is mapped afresh by `mmap` and unmapped on free. So every
-execution page-faults its whole temporary block in again: 30,000 page faults and about 50 ms of kernel
-time per 100 ms train step on two cores (bench/RESULTS.md).
+train step of `bench/bench_train_step.py`) and frees it when the execution ends. glibc serves a block
+above its mmap threshold (at most 32 MiB) by a fresh `mmap` and unmaps it on free, so every execution
+page-faults its whole temporary block in again: 30,000 page faults and about 50 ms of kernel time per
+100 ms train step on two cores (bench/RESULTS.md).
 
-`reuse_freed_host_memory` makes every thread allocate from glibc's main heap, never by `mmap`, and
-keeps up to `keep_bytes` of freed memory at the top of that heap instead of returning it to the
-kernel: the next execution reuses pages that are already mapped. It must run before JAX creates its
-backend (its threads): the entry points (`regft_jax.main`, `python -m regft_jax.eval`, bench/, the tests)
-call it first. It applies only where JAX runs on CPU alone (JAX_PLATFORMS=cpu, or no accelerator
-plugin installed): on GPU/TPU hosts the host allocator is not on the step's path. REGFT_HOST_MALLOC=0
-turns it off.
+`reuse_freed_host_memory` sets glibc's malloc to serve every block from the heap, never by `mmap`
+(M_MMAP_MAX=0), and to keep up to `keep_bytes` of free memory at the heap's top instead of returning
+it to the kernel (M_TRIM_THRESHOLD): the next execution reuses pages that are already mapped. XLA
+executes on its own threads, and a thread's own arena falls back to `mmap` for blocks larger than its
+64 MiB heaps whatever M_MMAP_MAX says, so all threads share the main arena (M_ARENA_MAX=1); that must
+happen before JAX starts its threads, so the entry points (`regft_jax.main`, which `python -m
+regft_jax.eval` runs, and bench/) call it first.
+
+What it costs: freed host memory is not returned to the kernel while live blocks lie above it in the
+heap, and free memory at the top beyond `keep_bytes` is. A step whose temporaries exceed `keep_bytes`
+(1 GiB by default) is trimmed at every free and page-faults again. It applies only where JAX runs on
+the CPU alone (JAX_PLATFORMS=cpu, or no accelerator plugin or library configured): on GPU/TPU hosts the
+host allocator is not on the step's path. REGFT_HOST_MALLOC=0 turns it off. Under an LD_PRELOAD-ed
+allocator (jemalloc, tcmalloc) glibc's settings have no effect.
 """
 
 from __future__ import annotations
@@ -32,29 +38,37 @@ ENV = "REGFT_HOST_MALLOC"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+# environment variables that point JAX at an accelerator's PJRT plugin or library
+_ACCELERATOR_ENV = ("TPU_LIBRARY_PATH", "PJRT_NAMES_AND_LIBRARY_PATHS")
 
 
-def _glibc() -> ctypes.CDLL | None:
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library if it is glibc on Linux (it has `gnu_get_libc_version`), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # glibc only (not musl)
-        return libc
     except (OSError, AttributeError):
         return None
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
+    return libc
 
 
 def jax_runs_on_cpu_only(platforms: str | None = None) -> bool:
-    """Whether JAX will run on the CPU alone: `platforms` (default: JAX's jax_platforms, JAX_PLATFORMS)
-    names only "cpu", or, unset, no accelerator (a `jax_plugins` package or entry point, or libtpu) is
-    installed. Does not initialize JAX's backends."""
+    """Whether JAX will run on the CPU alone: `platforms` (default: JAX's jax_platforms if JAX is imported,
+    else $JAX_PLATFORMS) names only "cpu", or, unset, no accelerator is installed or configured (a
+    `jax_plugins` package or entry point, libtpu, or one of $TPU_LIBRARY_PATH /
+    $PJRT_NAMES_AND_LIBRARY_PATHS). Imports nothing of JAX."""
     if platforms is None:
-        import jax
-
-        platforms = jax.config.jax_platforms
-    if platforms:
-        return {p.strip() for p in platforms.split(",")} == {"cpu"}
+        jax = sys.modules.get("jax")
+        platforms = jax.config.jax_platforms if jax is not None else os.environ.get("JAX_PLATFORMS")
+    names = {p.strip().lower() for p in (platforms or "").split(",")} - {""}
+    if names:
+        return names == {"cpu"}
+    if any(os.environ.get(name) for name in _ACCELERATOR_ENV):
+        return False
     if importlib.util.find_spec("libtpu") is not None or importlib.metadata.entry_points(group="jax_plugins"):
         return False
     try:
@@ -64,21 +78,30 @@ def jax_runs_on_cpu_only(platforms: str | None = None) -> bool:
     return not any(pkgutil.iter_modules(jax_plugins.__path__))
 
 
+def _backends_exist() -> bool:
+    if "jax" not in sys.modules:  # no JAX, no backend
+        return False
+    from jax._src import xla_bridge
+
+    initialized = getattr(xla_bridge, "backends_are_initialized", None)
+    return initialized is None or initialized()  # (unknown in another JAX version: assume they exist)
+
+
 def reuse_freed_host_memory(keep_bytes: int = 1 << 30) -> bool:
     """Sets glibc's malloc to one arena, no `mmap` blocks and a trim threshold of `keep_bytes` (see the
     module docstring). Returns whether it did; it does nothing (and returns False) when REGFT_HOST_MALLOC=0,
     off glibc Linux, when JAX may run on an accelerator, or when JAX's backends already exist (their
     threads would keep their own arenas; a warning says so)."""
+    if not 0 <= keep_bytes < 2 ** 31:  # mallopt takes a C int
+        raise ValueError(f"keep_bytes={keep_bytes}: expected 0 <= keep_bytes < 2**31")
     if os.environ.get(ENV, "1") == "0":
         return False
-    libc = _glibc()
+    libc = glibc()
     if libc is None or not jax_runs_on_cpu_only():
         return False
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized():
+    if _backends_exist():
         warnings.warn("JAX's backends already exist: host malloc settings not changed (call "
                       "regft_jax.hostmem.reuse_freed_host_memory() before the first JAX computation)", stacklevel=2)
         return False
     return all(libc.mallopt(param, value) == 1 for param, value in
-               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, int(keep_bytes))))
+               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, keep_bytes)))

@@ -11,9 +11,9 @@ import pytest
 
 from regft_jax import hostmem
 
-# exp(a @ b) @ c keeps a [4096, 5120] float32 temporary: 80 MiB, 20,480 pages, above the 64 MiB of a
-# thread arena's heap. Prints the median page faults of 5 calls, after 3 warm-up calls (the heap's layout
-# settles in the first calls).
+# exp(a @ b) @ c keeps a [4096, 5120] float32 temporary: 80 MiB, above glibc's largest mmap threshold (32 MiB)
+# and a thread arena's 64 MiB heaps. Prints the median page faults of 5 calls, after 3 warm-up calls (the
+# heap's layout settles in the first calls).
 _SCRIPT = textwrap.dedent("""
     import resource, sys
     from regft_jax.hostmem import reuse_freed_host_memory
@@ -28,13 +28,17 @@ _SCRIPT = textwrap.dedent("""
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
     print("faults", sorted(faults[3:])[2])
 """)
-_PAGES = 4096 * 5120 * 4 // 4096
+_PAGES = 4096 * 5120 * 4 // os.sysconf("SC_PAGE_SIZE")
+
+glibc_only = pytest.mark.skipif(hostmem.glibc() is None, reason="glibc malloc settings (Linux) only")
 
 
-def _run(**env) -> tuple[bool, float]:
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
-                         capture_output=True, text=True, timeout=120, check=True).stdout.split("\n")
-    values = dict(line.split(" ") for line in out if line)
+def _run(setting: str) -> tuple[bool, float]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", hostmem.ENV: setting}
+    env.pop("GLIBC_TUNABLES", None)
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    values = dict(line.split(" ") for line in proc.stdout.splitlines() if line)
     return values["applied"] == "True", float(values["faults"])
 
 
@@ -46,24 +50,36 @@ def _transparent_huge_pages_always() -> bool:
         return False
 
 
-@pytest.mark.skipif(hostmem._glibc() is None, reason="glibc malloc settings (Linux) only")
+@glibc_only
 def test_temporaries_are_not_page_faulted_again():
-    applied, faults = _run()
+    applied, faults = _run("1")
     assert applied
     assert faults < 0.01 * _PAGES, faults  # the block's pages stay mapped between calls
-    applied, faults = _run(**{hostmem.ENV: "0"})
+    applied, faults = _run("0")
     assert not applied
-    if not _transparent_huge_pages_always():  # (2 MiB pages would fault 512x less often)
+    if not _transparent_huge_pages_always():  # (2 MiB pages would fault far less often)
         assert faults > 0.9 * _PAGES, faults  # without: every call maps and faults the whole block again
 
 
-def test_not_applied_where_it_cannot_or_should_not_apply():
-    # this process's backends exist (conftest): XLA's threads already have their arenas
+@glibc_only
+def test_not_applied_once_backends_exist(monkeypatch):
     import jax
 
-    jax.devices()
+    jax.devices()  # this process's backends exist: XLA's threads already have their arenas
+    monkeypatch.setenv(hostmem.ENV, "1")
     with pytest.warns(UserWarning, match="backends already exist"):
         assert not hostmem.reuse_freed_host_memory()
+    with pytest.raises(ValueError, match="keep_bytes"):
+        hostmem.reuse_freed_host_memory(keep_bytes=4 << 30)  # beyond mallopt's C int
+
+
+def test_cpu_only_detection(monkeypatch):
+    for name in hostmem._ACCELERATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert hostmem.jax_runs_on_cpu_only("cpu")
+    assert hostmem.jax_runs_on_cpu_only("CPU,")
     assert not hostmem.jax_runs_on_cpu_only("cuda,cpu")
     assert not hostmem.jax_runs_on_cpu_only("tpu")
-    assert hostmem.jax_runs_on_cpu_only("cpu")
+    monkeypatch.setenv("TPU_LIBRARY_PATH", "/lib/libtpu.so")
+    assert not hostmem.jax_runs_on_cpu_only("")  # unset platforms: an accelerator library is configured
+    assert hostmem.jax_runs_on_cpu_only("cpu")  # named platforms decide
