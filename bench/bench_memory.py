@@ -52,6 +52,9 @@ def build(hardware: str, remat: str, rows: int, samples: int, *, prompt: int = 3
     from regft_jax.train.method import Frozen, MethodSpec, frozen_shardings, make_joint_step
     from regft_jax.train.steps import init_train_state, make_optimizer, train_state_shardings
 
+    from regft_jax.models import decoder
+
+    decoder.CPU_F32_ACCUMULATE = False  # compile the accelerators' matmuls, not the CPU's bf16 path
     config = llama.get_config(f"llama2-7b,{hardware}")
     m, devices = config.method, config.hardware.devices
     mesh = shd.make_mesh(dict(config.mesh), jax.devices()[:devices])

@@ -45,7 +45,7 @@ def machine() -> str:
     kind = f" ({device.device_kind})" if device.platform != "cpu" else ""
     return (f"{jax.device_count()} {device.platform} device(s){kind}, jax {jax.__version__}, "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-            + ("; glibc malloc: one arena, no mmap, 1 GiB kept (regft_jax/hostmem.py, both sides)" if HOST_MALLOC else ""))
+            + ("; glibc malloc: one arena, no mmap, no trim (regft_jax/hostmem.py, both sides)" if HOST_MALLOC else ""))
 
 
 def report(title: str, script: str, argv, header: str, table: str, write: bool) -> None:
@@ -179,13 +179,15 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
 
 
 def jax_matmul_flops(n: int, dtype: str, repeats: int = 5) -> float:
-    """FLOP/s of a jitted [n, n] @ [n, n] in `dtype` on JAX's default device (best of `repeats`)."""
+    """FLOP/s of a jitted [n, n] @ [n, n] in `dtype` on JAX's default device (best of `repeats`); 16-bit
+    operands are summed in float32, as the models' matmuls are (on the CPU: its bf16 units)."""
     import jax
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(lambda a, b: a @ b)
+    acc = jnp.float32 if jnp.dtype(dtype).itemsize == 2 else None
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=acc))
     return 2.0 * n ** 3 / _best(lambda: f(a, b).block_until_ready(), repeats)
 
 

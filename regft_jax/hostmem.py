@@ -7,16 +7,18 @@ page-faults its whole temporary block in again: 30,000 page faults and about 50 
 100 ms train step on two cores (bench/RESULTS.md).
 
 `reuse_freed_host_memory` sets glibc's malloc to serve every block from the heap, never by `mmap`
-(M_MMAP_MAX=0), and to keep up to `keep_bytes` of free memory at the heap's top instead of returning
-it to the kernel (M_TRIM_THRESHOLD): the next execution reuses pages that are already mapped. XLA
+(M_MMAP_MAX=0), and to keep the free memory at the heap's top instead of returning it to the kernel
+(M_TRIM_THRESHOLD; all of it by default, or up to `keep_bytes`): the next execution reuses pages that
+are already mapped. XLA
 executes on its own threads, and a thread's own arena falls back to `mmap` for blocks larger than its
 64 MiB heaps whatever M_MMAP_MAX says, so all threads share the main arena (M_ARENA_MAX=1); that must
 happen before JAX starts its threads, so the entry points (`regft_jax.main`, which `python -m
 regft_jax.eval` runs, and bench/) call it first.
 
-What it costs: freed host memory is not returned to the kernel while live blocks lie above it in the
-heap, and free memory at the top beyond `keep_bytes` is. A step whose temporaries exceed `keep_bytes`
-(1 GiB by default) is trimmed at every free and page-faults again. It applies only where JAX runs on
+What it costs: the process keeps its heap's high-water mark (freed host memory is reused, not returned
+to the kernel). With a finite `keep_bytes`, a step whose temporaries exceed it is trimmed at every free
+and page-faults again: with the former 1 GiB default, a width-1024 bf16 train step with scanned layers
+faulted 1.4 GB (347,000 pages, 650 ms of kernel time) per 1.6 s step (bench/RESULTS.md). It applies only where JAX runs on
 the CPU alone (JAX_PLATFORMS=cpu, or no accelerator plugin or library configured): on GPU/TPU hosts the
 host allocator is not on the step's path. REGFT_HOST_MALLOC=0 turns it off. Under an LD_PRELOAD-ed
 allocator (jemalloc, tcmalloc) glibc's settings have no effect.
@@ -38,6 +40,7 @@ ENV = "REGFT_HOST_MALLOC"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+_NEVER = -1  # M_TRIM_THRESHOLD of -1: never trim (mallopt(3))
 # environment variables that point JAX at an accelerator's PJRT plugin or library
 _ACCELERATOR_ENV = ("TPU_LIBRARY_PATH", "PJRT_NAMES_AND_LIBRARY_PATHS")
 
@@ -87,12 +90,12 @@ def _backends_exist() -> bool:
     return initialized is None or initialized()  # (unknown in another JAX version: assume they exist)
 
 
-def reuse_freed_host_memory(keep_bytes: int = 1 << 30) -> bool:
-    """Sets glibc's malloc to one arena, no `mmap` blocks and a trim threshold of `keep_bytes` (see the
-    module docstring). Returns whether it did; it does nothing (and returns False) when REGFT_HOST_MALLOC=0,
-    off glibc Linux, when JAX may run on an accelerator, or when JAX's backends already exist (their
-    threads would keep their own arenas; a warning says so)."""
-    if not 0 <= keep_bytes < 2 ** 31:  # mallopt takes a C int
+def reuse_freed_host_memory(keep_bytes: int | None = None) -> bool:
+    """Sets glibc's malloc to one arena, no `mmap` blocks and no trimming of the heap's top (or a trim
+    threshold of `keep_bytes`; see the module docstring). Returns whether it did; it does nothing (and
+    returns False) when REGFT_HOST_MALLOC=0, off glibc Linux, when JAX may run on an accelerator, or when
+    JAX's backends already exist (their threads would keep their own arenas; a warning says so)."""
+    if keep_bytes is not None and not 0 <= keep_bytes < 2 ** 31:  # mallopt takes a C int
         raise ValueError(f"keep_bytes={keep_bytes}: expected 0 <= keep_bytes < 2**31")
     if os.environ.get(ENV, "1") == "0":
         return False
@@ -104,4 +107,4 @@ def reuse_freed_host_memory(keep_bytes: int = 1 << 30) -> bool:
                       "regft_jax.hostmem.reuse_freed_host_memory() before the first JAX computation)", stacklevel=2)
         return False
     return all(libc.mallopt(param, value) == 1 for param, value in
-               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, keep_bytes)))
+               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER if keep_bytes is None else keep_bytes)))

@@ -17,7 +17,8 @@ from regft_jax import hostmem
 _SCRIPT = textwrap.dedent("""
     import resource, sys
     from regft_jax.hostmem import reuse_freed_host_memory
-    print("applied", reuse_freed_host_memory())
+    keep = None if sys.argv[1] == "None" else int(sys.argv[1])
+    print("applied", reuse_freed_host_memory(keep_bytes=keep))
     import jax, jax.numpy as jnp
     f = jax.jit(lambda a, b, c: jnp.exp(a @ b) @ c)
     a, b, c = jnp.ones((4096, 64)) / 64, jnp.ones((64, 5120)), jnp.ones((5120, 4))
@@ -33,10 +34,10 @@ _PAGES = 4096 * 5120 * 4 // os.sysconf("SC_PAGE_SIZE")
 glibc_only = pytest.mark.skipif(hostmem.glibc() is None, reason="glibc malloc settings (Linux) only")
 
 
-def _run(setting: str) -> tuple[bool, float]:
+def _run(setting: str, keep_bytes=None) -> tuple[bool, float]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", hostmem.ENV: setting}
     env.pop("GLIBC_TUNABLES", None)
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(keep_bytes)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     values = dict(line.split(" ") for line in proc.stdout.splitlines() if line)
     return values["applied"] == "True", float(values["faults"])
@@ -59,6 +60,16 @@ def test_temporaries_are_not_page_faulted_again():
     assert not applied
     if not _transparent_huge_pages_always():  # (2 MiB pages would fault far less often)
         assert faults > 0.9 * _PAGES, faults  # without: every call maps and faults the whole block again
+
+
+@glibc_only
+@pytest.mark.skipif(_transparent_huge_pages_always(), reason="2 MiB pages fault far less often")
+def test_a_finite_trim_threshold_below_the_temporaries_faults_them_again():
+    """With keep_bytes under the 80 MiB block, glibc returns the block's pages at every free (the former
+    1 GiB default did that to steps with larger temporaries); the default never trims."""
+    applied, faults = _run("1", keep_bytes=16 << 20)
+    assert applied
+    assert faults > 0.9 * _PAGES, faults
 
 
 @glibc_only

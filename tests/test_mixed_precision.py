@@ -3,6 +3,7 @@ gradients reaching AdamW are fp32, the whole path (HF import, checkpoints, sampl
 joint step) keeps fp32 storage and bf16 compute, and a config whose updates would round away is refused."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -222,3 +223,55 @@ def test_sft_baseline_and_the_method_refuse_bf16_params_before_training(tmp_path
         sft_baseline(config, mesh, corpus, cfg, base)
     with pytest.raises(PrecisionError, match=r"config\.method\.aux_learning_rate=0\.0001 changes only"):
         run_method(config, mesh, corpus, cfg, base, make_oracle("regex", words=["idiot"]))
+
+
+def _dot_types(hlo: str) -> list[tuple[str, str, str]]:
+    """(result, lhs, rhs) element types of every dot in a compiled HLO module's text."""
+    out = []
+    for body in re.findall(r"\{\n(.*?)\n\}", hlo, re.S):
+        for m in re.finditer(r"= (\w+)\[[^\]]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", body):
+            out.append((m.group(1), *(re.search("%" + re.escape(p) + r" = (\w+)\[", body).group(1)
+                                      for p in m.group(2, 3))))
+    return out
+
+
+@pytest.mark.parametrize("tokens", [24, 23])  # odd: the weight gradient pads a zero row
+def test_bf16_matmuls_sum_in_float32_forward_and_backward(tokens):
+    """`token_matmul` of bf16 operands on the CPU (`matmul_f32_accumulate`): the output and both gradients
+    equal the float32 products of the bf16 values rounded once to bf16 (to one bf16 ulp: only the order of
+    the float32 sums differs), float32 logits stay float32 and give the same gradients, and in the compiled
+    backward both dots keep the form XLA gives the forward's bf16 x bf16 -> float32 dot (bf16 operands, on
+    CPUs with bf16 units such as this machine's AMX), where `a @ b.T` or a transposed left operand would have
+    XLA convert them to float32 first."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, tokens, 48)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(48, 40)) / 7, jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=(1, tokens, 40)), jnp.bfloat16)
+    f32 = lambda a: np.asarray(a, np.float32).reshape(-1, a.shape[-1])  # noqa: E731
+    X, W, G = f32(x), f32(w), f32(g)
+
+    def assert_rounded(a, exact):
+        assert a.dtype == jnp.bfloat16
+        rounded = exact.astype(ml_dtypes.bfloat16).astype(np.float32)
+        np.testing.assert_array_less(np.abs(f32(a) - rounded), np.abs(rounded) * 2.0 ** -7 + 1e-30)
+
+    y, vjp = jax.vjp(models.decoder.token_matmul, x, w)
+    dx, dw = vjp(g)
+    assert_rounded(y, X @ W)
+    assert_rounded(dx, G @ W.T)
+    assert_rounded(dw, X.T @ G)
+
+    logits, vjp = jax.vjp(lambda x, w: models.decoder.token_matmul(x, w, preferred_element_type=jnp.float32), x, w)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(f32(logits), X @ W, rtol=1e-5, atol=1e-5)
+    for a, b in zip(vjp(g.astype(jnp.float32)), (dx, dw)):  # the float32 cotangent is rounded to bf16 first
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+    # The backward's two dots in the form XLA gives the forward's bf16 x bf16 -> float32 dot (bf16 operands
+    # where the CPU has bf16 units; everything in float32 where it has none).
+    forward = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    (forward_form,) = _dot_types(forward.lower(x[0], w).compile().as_text())
+    grads = jax.jit(jax.grad(lambda x, w: (models.decoder.token_matmul(x, w) * g).astype(jnp.float32).sum(), (0, 1)))
+    assert _dot_types(grads.lower(x, w).compile().as_text()) == [forward_form] * 2
+    f32_grads = jax.jit(jax.grad(lambda x, w: (models.decoder.token_matmul(x, w) * g).sum(), (0, 1)))
+    assert {t for t in _dot_types(f32_grads.lower(X[None], W).compile().as_text())} == {("f32", "f32", "f32")}
