@@ -94,3 +94,24 @@ def test_cpu_only_detection(monkeypatch):
     monkeypatch.setenv("TPU_LIBRARY_PATH", "/lib/libtpu.so")
     assert not hostmem.jax_runs_on_cpu_only("")  # unset platforms: an accelerator library is configured
     assert hostmem.jax_runs_on_cpu_only("cpu")  # named platforms decide
+
+
+def test_the_default_never_trims(monkeypatch):
+    """The settings passed to mallopt: one arena, no mmap, and M_TRIM_THRESHOLD -1 (never trim) unless a
+    finite keep_bytes is given."""
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(hostmem, "glibc", Libc)
+    monkeypatch.setattr(hostmem, "jax_runs_on_cpu_only", lambda platforms=None: True)
+    monkeypatch.setattr(hostmem, "_backends_exist", lambda: False)
+    monkeypatch.setenv(hostmem.ENV, "1")
+    assert hostmem.reuse_freed_host_memory()
+    assert sorted(calls) == sorted([(hostmem._M_ARENA_MAX, 1), (hostmem._M_MMAP_MAX, 0), (hostmem._M_TRIM_THRESHOLD, -1)])
+    calls.clear()
+    assert hostmem.reuse_freed_host_memory(keep_bytes=1 << 20)
+    assert (hostmem._M_TRIM_THRESHOLD, 1 << 20) in calls

@@ -240,9 +240,9 @@ def test_bf16_matmuls_sum_in_float32_forward_and_backward(tokens):
     """`token_matmul` of bf16 operands on the CPU (`matmul_f32_accumulate`): the output and both gradients
     equal the float32 products of the bf16 values rounded once to bf16 (to one bf16 ulp: only the order of
     the float32 sums differs), float32 logits stay float32 and give the same gradients, and in the compiled
-    backward both dots keep the form XLA gives the forward's bf16 x bf16 -> float32 dot (bf16 operands, on
-    CPUs with bf16 units such as this machine's AMX), where `a @ b.T` or a transposed left operand would have
-    XLA convert them to float32 first."""
+    backward both dots keep the form XLA gives the forward's bf16 x bf16 -> float32 dot (bf16 operands for
+    YNNPACK: the choice depends on dtypes and layouts, not on the CPU), where `a @ b.T` or a transposed left
+    operand would have XLA convert them to float32 first."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(1, tokens, 48)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(48, 40)) / 7, jnp.bfloat16)
@@ -267,8 +267,7 @@ def test_bf16_matmuls_sum_in_float32_forward_and_backward(tokens):
     for a, b in zip(vjp(g.astype(jnp.float32)), (dx, dw)):  # the float32 cotangent is rounded to bf16 first
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
-    # The backward's two dots in the form XLA gives the forward's bf16 x bf16 -> float32 dot (bf16 operands
-    # where the CPU has bf16 units; everything in float32 where it has none).
+    # The backward's two dots in the form XLA gives the forward's bf16 x bf16 -> float32 dot.
     forward = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     (forward_form,) = _dot_types(forward.lower(x[0], w).compile().as_text())
     grads = jax.jit(jax.grad(lambda x, w: (models.decoder.token_matmul(x, w) * g).astype(jnp.float32).sum(), (0, 1)))

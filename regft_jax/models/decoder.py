@@ -67,7 +67,8 @@ def _with_lora(module: nnx.Module, name: str, y: Array, x: Array, down: str, up:
     return y + (module.cfg.lora_scale * jnp.einsum(up, jnp.einsum(down, x, a), b)).astype(y.dtype)
 
 
-CPU_F32_ACCUMULATE = True  # 16-bit matmuls on the CPU sum in float32 (`token_matmul`)
+# bf16 matmuls on the CPU sum in float32 (`token_matmul`); read when a function is traced, so set it before
+CPU_F32_ACCUMULATE = True
 
 
 def token_matmul(x: Array, w: Array, preferred_element_type=None) -> Array:
@@ -78,15 +79,16 @@ def token_matmul(x: Array, w: Array, preferred_element_type=None) -> Array:
     then transposes the activation gradient element by element before the matmul (2.3x slower SwiGLU
     MLP forward + backward; bench/RESULTS.md).
 
-    16-bit float operands on the CPU go through `matmul_f32_accumulate` (forward and backward), unless
+    bfloat16 operands on the CPU go through `matmul_f32_accumulate` (forward and backward), unless
     `CPU_F32_ACCUMULATE` is False (bench/bench_memory.py: CPU compilations standing in for accelerators)."""
     x2 = x.reshape(-1, x.shape[-1])
 
     def plain(a, b):
         return jnp.matmul(a, b, preferred_element_type=preferred_element_type)
 
-    sixteen_bit = x.dtype == w.dtype and jnp.dtype(x.dtype).itemsize == 2
-    if CPU_F32_ACCUMULATE and sixteen_bit and preferred_element_type in (None, jnp.float32):
+    # (float16: XLA on CPU runs it in float32 either way, and a float16 cotangent would lose small gradients)
+    bf16 = x.dtype == w.dtype == jnp.bfloat16
+    if CPU_F32_ACCUMULATE and bf16 and preferred_element_type in (None, jnp.float32):
         out = x.dtype if preferred_element_type is None else jnp.float32
         y = jax.lax.platform_dependent(x2, w, cpu=lambda a, b: matmul_f32_accumulate(a, b, out), default=plain)
     else:
@@ -97,19 +99,18 @@ def token_matmul(x: Array, w: Array, preferred_element_type=None) -> Array:
 def _dot_f32(a: Array, b: Array, out, b_contracting: int = 0) -> Array:
     """a [n, k] · b (b [k, o], or b [o, k] with b_contracting=1) summed in float32, returned as `out`.
     A transposed operand is named in the contracting dims, not by a transpose: XLA on CPU sends
-    `a @ b.T` to the float32 generic kernels (bench/bench_bf16_matmul.py: 276 against 1,188 GFLOP/s at
-    1024x4096x1024)."""
+    `a @ b.T` to the float32 generic kernels (bench/RESULTS.md, "bf16 matmuls on the CPU")."""
     dims = (((1,), (b_contracting,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(out)
 
 
 def _transposed_copy(x: Array) -> Array:
-    """x [n, i] (16-bit, n even) → xᵀ [i, n] written out, as a matmul operand that XLA cannot fold back.
+    """x [n, i] (bf16, n even) → xᵀ [i, n] written out, as a matmul operand that XLA cannot fold back.
 
     A plain transpose feeding a dot is folded into the dot's contracting dimensions (algebraic
     simplifier and transpose folding, through elementwise ops too); a dot contracting its left
     operand's leading axis is not one XLA on CPU gives to YNNPACK, so it runs in float32 on the generic
-    kernels (98-291 GFLOP/s against 275-1,310 with the copy: bench/bench_bf16_matmul.py). Pairs of rows are
+    kernels (bench/RESULTS.md, "bf16 matmuls on the CPU": 2.3-4.7x slower than with the copy). Pairs of rows are
     moved as one 32-bit word ([n/2, 2, i] → [i, n/2, 2] → uint32 → back), a transpose of a different
     shape and dtype than the dot's operand, which no pass rewrites into it."""
     n, i = x.shape
@@ -120,15 +121,16 @@ def _transposed_copy(x: Array) -> Array:
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def matmul_f32_accumulate(x: Array, w: Array, out) -> Array:
-    """x [n, i] @ w [i, o] of 16-bit floats, summed in float32 and returned as `out` (x's dtype or
+    """x [n, i] @ w [i, o] of bfloat16s, summed in float32 and returned as `out` (x's dtype or
     float32); the backward's two matmuls take the cotangent in x's dtype and sum in float32 too.
 
     XLA on CPU runs a bfloat16 dot with a bfloat16 result on its generic kernels, slower than float32,
-    but one with a float32 result on the CPU's bf16 units (through YNNPACK; AMX where measured): 2.4-5.2x
-    float32's rate at train-step shapes (bench/bench_bf16_matmul.py). Plain autodiff would feed the float32
+    but one with a float32 result through YNNPACK (the CPU's bf16 units: AMX where measured, 1.7-5.2x
+    float32's rate at train-step shapes; bench/RESULTS.md). Plain autodiff would feed the float32
     cotangent to mixed-dtype (float32) dots; here the gradient is rounded to x's dtype first, as
     mixed-precision training does everywhere else (torch.autocast included), and the weight gradient
-    contracts the tokens of a written-out xᵀ (`_transposed_copy`)."""
+    contracts the tokens of a written-out xᵀ (`_transposed_copy`). Reverse mode only (like `attend`):
+    `jax.jvp` through it raises."""
     return _dot_f32(x, w, out)
 
 
