@@ -130,7 +130,8 @@ def matmul_f32_accumulate(x: Array, w: Array, out) -> Array:
     cotangent to mixed-dtype (float32) dots; here the gradient is rounded to x's dtype first, as
     mixed-precision training does everywhere else (torch.autocast included), and the weight gradient
     contracts the tokens of a written-out xᵀ (`_transposed_copy`). Reverse mode only (like `attend`):
-    `jax.jvp` through it raises."""
+    `jax.jvp` through it raises. Meshes with Auto axes (`sharding.make_mesh`); under Explicit axes the
+    weight gradient's token-sharded contraction would need a sharding rule."""
     return _dot_f32(x, w, out)
 
 
