@@ -180,7 +180,7 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
 
 def jax_matmul_flops(n: int, dtype: str, repeats: int = 5) -> float:
     """FLOP/s of a jitted [n, n] @ [n, n] in `dtype` on JAX's default device (best of `repeats`); 16-bit
-    operands are summed in float32, as the models' matmuls are (on the CPU: its bf16 units)."""
+    operands are summed in float32, as the models' bf16 matmuls are (on the CPU: its bf16 units)."""
     import jax
     import jax.numpy as jnp
 

@@ -9,17 +9,17 @@ page-faults its whole temporary block in again: 30,000 page faults and about 50 
 `reuse_freed_host_memory` sets glibc's malloc to serve every block from the heap, never by `mmap`
 (M_MMAP_MAX=0), and never to return the free memory at the heap's top to the kernel (M_TRIM_THRESHOLD
 = -1; or, with `keep_bytes`, to trim it once it exceeds `keep_bytes`): the next execution reuses pages
-that are already mapped. XLA executes on its own threads, and a thread's own arena falls back to `mmap` for blocks larger than its
-64 MiB heaps whatever M_MMAP_MAX says, so all threads share the main arena (M_ARENA_MAX=1); that must
-happen before JAX starts its threads, so the entry points (`regft_jax.main`, which `python -m
-regft_jax.eval` runs, and bench/) call it first.
+that are already mapped. XLA executes on its own threads, and a thread's own arena falls back to
+`mmap` for blocks larger than its 64 MiB heaps whatever M_MMAP_MAX says, so all threads share the main
+arena (M_ARENA_MAX=1); that must happen before JAX starts its threads, so the entry points
+(`regft_jax.main`, which `python -m regft_jax.eval` runs, and bench/) call it first.
 
 What it costs: the process keeps its heap's high-water mark (freed host memory is reused, not returned
 to the kernel). With a finite `keep_bytes`, a step whose temporaries exceed it is trimmed at every free
 and page-faults again: with the former 1 GiB default, a width-1024 bf16 train step with scanned layers
 faulted 1.4 GB (347,000 pages, 650 ms of kernel time) per 1.6 s step, 1.2 s without trimming
-(bench/RESULTS.md). It applies only where JAX runs on the CPU alone (JAX_PLATFORMS=cpu, or no accelerator plugin or library configured): on GPU/TPU hosts the
-host allocator is not on the step's path. REGFT_HOST_MALLOC=0 turns it off. Under an LD_PRELOAD-ed
+(bench/RESULTS.md). It applies only where JAX runs on the CPU alone (JAX_PLATFORMS=cpu, or no accelerator
+plugin or library configured): on GPU/TPU hosts the host allocator is not on the step's path. REGFT_HOST_MALLOC=0 turns it off. Under an LD_PRELOAD-ed
 allocator (jemalloc, tcmalloc) glibc's settings have no effect.
 """
 

@@ -37,7 +37,8 @@ glibc_only = pytest.mark.skipif(hostmem.glibc() is None, reason="glibc malloc se
 def _run(setting: str, keep_bytes=None) -> tuple[bool, float]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", hostmem.ENV: setting}
     env.pop("GLIBC_TUNABLES", None)
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(keep_bytes)], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(keep_bytes)], env=env, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     values = dict(line.split(" ") for line in proc.stdout.splitlines() if line)
     return values["applied"] == "True", float(values["faults"])
@@ -111,7 +112,8 @@ def test_the_default_never_trims(monkeypatch):
     monkeypatch.setattr(hostmem, "_backends_exist", lambda: False)
     monkeypatch.setenv(hostmem.ENV, "1")
     assert hostmem.reuse_freed_host_memory()
-    assert sorted(calls) == sorted([(hostmem._M_ARENA_MAX, 1), (hostmem._M_MMAP_MAX, 0), (hostmem._M_TRIM_THRESHOLD, -1)])
+    expected = [(hostmem._M_ARENA_MAX, 1), (hostmem._M_MMAP_MAX, 0), (hostmem._M_TRIM_THRESHOLD, -1)]
+    assert sorted(calls) == sorted(expected)
     calls.clear()
     assert hostmem.reuse_freed_host_memory(keep_bytes=1 << 20)
     assert (hostmem._M_TRIM_THRESHOLD, 1 << 20) in calls

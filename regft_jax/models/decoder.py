@@ -67,7 +67,7 @@ def _with_lora(module: nnx.Module, name: str, y: Array, x: Array, down: str, up:
     return y + (module.cfg.lora_scale * jnp.einsum(up, jnp.einsum(down, x, a), b)).astype(y.dtype)
 
 
-# bf16 matmuls on the CPU sum in float32 (`token_matmul`); read when a function is traced, so set it before
+# bf16 matmuls on the CPU sum in float32 (`token_matmul`); read when a function is traced
 CPU_F32_ACCUMULATE = True
 
 
@@ -110,8 +110,8 @@ def _transposed_copy(x: Array) -> Array:
     A plain transpose feeding a dot is folded into the dot's contracting dimensions (algebraic
     simplifier and transpose folding, through elementwise ops too); a dot contracting its left
     operand's leading axis is not one XLA on CPU gives to YNNPACK, so it runs in float32 on the generic
-    kernels (bench/RESULTS.md, "bf16 matmuls on the CPU": 2.3-4.7x slower than with the copy). Pairs of rows are
-    moved as one 32-bit word ([n/2, 2, i] → [i, n/2, 2] → uint32 → back), a transpose of a different
+    kernels (bench/RESULTS.md, "bf16 matmuls on the CPU": 2.3-4.7x slower than with the copy). Pairs of
+    rows are moved as one 32-bit word ([n/2, 2, i] → [i, n/2, 2] → uint32 → back), a transpose of a different
     shape and dtype than the dot's operand, which no pass rewrites into it."""
     n, i = x.shape
     pairs = jnp.transpose(x.reshape(n // 2, 2, i), (2, 0, 1))
