@@ -38,7 +38,7 @@ def _forms(m: int, k: int, n: int):
     import jax
     import jax.numpy as jnp
 
-    from regft_jax.models.decoder import _transposed_copy
+    from regft_jax.models.decoder import _dot_f32, _transposed_copy
 
     bf, f32 = jnp.bfloat16, jnp.float32
     key = iter(jax.random.split(jax.random.key(0), 4))
@@ -47,15 +47,14 @@ def _forms(m: int, k: int, n: int):
     w_t = jax.random.normal(next(key), (n, k), f32).astype(bf)  # wᵀ stored as [n, k], for g·wᵀ
     tokens = jax.random.normal(next(key), (k, m), f32).astype(bf)  # x of the weight gradient: [tokens=k, i=m]
     g = jax.random.normal(jax.random.key(1), (k, n), f32).astype(bf)
-    nt = (((1,), (1,)), ((), ()))
     lead = (((0,), (0,)), ((), ()))
     return {
         "float32": (lambda a, b: a @ b, (x.astype(f32), w.astype(f32))),
         "bf16 -> bf16": (lambda a, b: a @ b, (x, w)),
-        "bf16 -> f32": (lambda a, b: jax.lax.dot_general(a, b, nt, preferred_element_type=f32), (x, w_t)),
+        "bf16 -> f32": (lambda a, b: _dot_f32(a, b, f32, b_contracting=1), (x, w_t)),
         "g @ w.T": (lambda a, b: jnp.matmul(a, b.T, preferred_element_type=f32), (x, w_t)),
         "xᵀ·g folded": (lambda a, b: jax.lax.dot_general(a, b, lead, preferred_element_type=f32), (tokens, g)),
-        "xᵀ·g copied": (lambda a, b: jnp.matmul(_transposed_copy(a), b, preferred_element_type=f32), (tokens, g)),
+        "xᵀ·g copied": (lambda a, b: _dot_f32(_transposed_copy(a), b, f32), (tokens, g)),
     }
 
 
