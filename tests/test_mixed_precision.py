@@ -19,7 +19,7 @@ from regft_jax.models import ModelConfig, forward, init_params
 from regft_jax.models.aux import aux_config, init_aux_params
 from regft_jax.precision import PrecisionError, check_update_precision
 from regft_jax.train.method import Frozen, MethodSpec, joint_step
-from regft_jax.train.steps import init_train_state, make_optimizer, sft_step
+from regft_jax.train.steps import init_train_state, make_optimizer, sft_loss, sft_step
 
 from tests.hf_reference import make_hf_model
 
@@ -274,3 +274,41 @@ def test_bf16_matmuls_sum_in_float32_forward_and_backward(tokens):
     assert _dot_types(grads.lower(x, w).compile().as_text()) == [forward_form] * 2
     f32_grads = jax.jit(jax.grad(lambda x, w: (models.decoder.token_matmul(x, w) * g).sum(), (0, 1)))
     assert {t for t in _dot_types(f32_grads.lower(X[None], W).compile().as_text())} == {("f32", "f32", "f32")}
+
+
+def test_swiglu_backward_equals_autodiff_of_silu_times_up():
+    """`decoder.swiglu`'s hand-written backward (sigmoid recomputed from the two saved inputs) against
+    autodiff of silu(g) · u: float32 to rounding; bf16 inputs give bf16 gradients equal to the float32
+    ones of the same values rounded once (to one bf16 ulp), and the forward is unchanged."""
+    rng = np.random.default_rng(0)
+    g, u, dh = (jnp.asarray(rng.normal(size=(6, 40)) * 3, jnp.float32) for _ in range(3))
+    reference = lambda g, u: jax.nn.silu(g) * u  # noqa: E731
+    y, vjp = jax.vjp(models.decoder.swiglu, g, u)
+    y_ref, vjp_ref = jax.vjp(reference, g, u)
+    np.testing.assert_array_equal(y, y_ref)
+    for a, b in zip(vjp(dh), vjp_ref(dh)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    gb, ub, dhb = (a.astype(jnp.bfloat16) for a in (g, u, dh))
+    y, vjp = jax.vjp(models.decoder.swiglu, gb, ub)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(reference(gb, ub), np.float32))
+    exact = jax.vjp(reference, *(a.astype(jnp.float32) for a in (gb, ub)))[1](dhb.astype(jnp.float32))
+    for a, b in zip(vjp(dhb), exact):
+        assert a.dtype == jnp.bfloat16
+        rounded = np.asarray(b.astype(jnp.bfloat16), np.float32)
+        np.testing.assert_array_less(np.abs(np.asarray(a, np.float32) - rounded), np.abs(rounded) * 2.0 ** -7 + 1e-30)
+
+
+def test_scanned_bf16_backward_keeps_stacked_residuals_in_bf16():
+    """With bf16 compute and scanned layers, the residuals the backward slices per layer (the matmuls',
+    the attention's and SwiGLU's inputs, stacked over the layers) stay 2-byte arrays: the compiled
+    gradient holds no float32 conversion of a stacked [layers, ...] array, which XLA on CPU makes of
+    stacked bf16 residuals (a whole-stack convert outside the loop, at twice the bytes; bench/RESULTS.md)."""
+    cfg = TINY.replace(num_layers=3, scan_layers=True, **MIXED)
+    params = init_params(cfg, jax.random.key(0))
+    batch = {"tokens": jnp.ones((2, 17), jnp.int32), "loss_mask": jnp.ones((2, 17), jnp.int32)}
+    loss = lambda p: sft_loss(cfg, p, batch)[0]  # noqa: E731
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert re.search(r"= (bf16|u16)\[3,", hlo), "no stacked 2-byte residuals: the layers are not scanned"
+    stacked_to_f32 = re.findall(r"= f32\[3,[^\]]*\]\S* convert\(", hlo)
+    assert not stacked_to_f32, stacked_to_f32

@@ -96,6 +96,21 @@ def token_matmul(x: Array, w: Array, preferred_element_type=None) -> Array:
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
+def _as_bits(*arrays: Array) -> tuple:
+    """Residuals for a backward pass, bfloat16s bitcast to uint16 (`_from_bits` undoes it).
+
+    A scanned layer's residuals are stacked over the layers and sliced per layer in the backward. XLA on
+    CPU does not slice or update bfloat16 arrays natively: it converts every stacked bf16 residual to
+    float32 as a whole (twice the bytes, outside the loop) and back per slice. The same bits as uint16 are
+    sliced in place; on GPU and TPU the bitcast is free."""
+    return tuple(jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a for a in arrays)
+
+
+def _from_bits(*arrays: Array) -> tuple:
+    """`_as_bits` undone: uint16 arrays back to bfloat16, the rest as they are."""
+    return tuple(jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a for a in arrays)
+
+
 def _dot_f32(a: Array, b: Array, out, b_contracting: int = 0) -> Array:
     """a [n, k] · b (b [k, o], or b [o, k] with b_contracting=1) summed in float32, returned as `out`.
     A transposed operand is named in the contracting dims, not by a transpose: XLA on CPU sends
@@ -136,11 +151,11 @@ def matmul_f32_accumulate(x: Array, w: Array, out) -> Array:
 
 
 def _matmul_f32_accumulate_fwd(x, w, out):
-    return _dot_f32(x, w, out), (x, w)
+    return _dot_f32(x, w, out), _as_bits(x, w)
 
 
 def _matmul_f32_accumulate_bwd(out, res, g):
-    x, w = res
+    x, w = _from_bits(*res)
     g = g.astype(x.dtype)
     dx = _dot_f32(g, w, x.dtype, b_contracting=1)
     if x.shape[0] % 2:  # an odd number of tokens: one zero row more, which adds nothing to xᵀ g
@@ -228,7 +243,7 @@ def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
 def _attend_vjp_forward(q, k, v, mask):
     out, probs = _attend_forward(q, k, v, mask)
-    return out, (q, k, v, mask, probs, out)
+    return out, (*_as_bits(q, k, v), mask, probs, _as_bits(out)[0])
 
 
 def _attend_backward(res, d_out):
@@ -240,7 +255,7 @@ def _attend_backward(res, d_out):
     of over the keys; the scale is applied once to dS. Autodiff of the forward instead reduces over the
     [.., s, t] scores and then differentiates the mask's select and the division separately (slower
     on CPU: bench/RESULTS.md)."""
-    q, k, v, mask, probs, out = res
+    q, k, v, mask, probs, out = _from_bits(*res)
     dt, f32 = q.dtype, jnp.float32
     dv = jnp.einsum("bkgst,bkgsd->bktd", probs.astype(dt), d_out)
     dp = jnp.einsum("bkgsd,bktd->bkgst", d_out, v, preferred_element_type=f32)
@@ -254,6 +269,28 @@ def _attend_backward(res, d_out):
 
 
 attend.defvjp(_attend_vjp_forward, _attend_backward)
+
+
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """silu(gate) · up, with a backward that keeps only its two inputs (`_as_bits`) and recomputes the
+    sigmoid; autodiff would save five [tokens, mlp] arrays per layer."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), _as_bits(gate, up)
+
+
+def _swiglu_bwd(res, d_h):
+    """d gate = dh · up · σ(g)(1 + g(1 − σ(g))),  d up = dh · silu(g); in float32."""
+    gate, up = _from_bits(*res)
+    g, u, dh = (a.astype(jnp.float32) for a in (gate, up, d_h))
+    sig = jax.nn.sigmoid(g)
+    return (dh * u * sig * (1 + g * (1 - sig))).astype(gate.dtype), (dh * g * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class Attention(nnx.Module):
@@ -349,7 +386,7 @@ class MLP(nnx.Module):
     def __call__(self, x: Array) -> Array:
         x = x.astype(_dtype(self.cfg.dtype))
         if self.cfg.activation == "swiglu":
-            h = jax.nn.silu(self._dense(x, "gate")) * self._dense(x, "up")
+            h = swiglu(self._dense(x, "gate"), self._dense(x, "up"))
         else:
             h = jax.nn.gelu(self._dense(x, "up"), approximate=False)
         h = sharding.constrain(h, ("batch", "length", "mlp"))
