@@ -102,7 +102,7 @@ def _as_bits(*arrays: Array) -> tuple:
     A scanned layer's residuals are stacked over the layers and sliced per layer in the backward. XLA on
     CPU does not slice or update bfloat16 arrays natively: it converts every stacked bf16 residual to
     float32 as a whole (twice the bytes, outside the loop) and back per slice. The same bits as uint16 are
-    sliced in place; on GPU and TPU the bitcast is free."""
+    sliced in place (a bitcast: no data movement expected on GPU and TPU)."""
     return tuple(jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a for a in arrays)
 
 
@@ -243,7 +243,7 @@ def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
 def _attend_vjp_forward(q, k, v, mask):
     out, probs = _attend_forward(q, k, v, mask)
-    return out, (*_as_bits(q, k, v), mask, probs, _as_bits(out)[0])
+    return out, (*_as_bits(q, k, v, out), mask, probs)
 
 
 def _attend_backward(res, d_out):
@@ -255,7 +255,7 @@ def _attend_backward(res, d_out):
     of over the keys; the scale is applied once to dS. Autodiff of the forward instead reduces over the
     [.., s, t] scores and then differentiates the mask's select and the division separately (slower
     on CPU: bench/RESULTS.md)."""
-    q, k, v, mask, probs, out = _from_bits(*res)
+    (q, k, v, out), (mask, probs) = _from_bits(*res[:4]), res[4:]
     dt, f32 = q.dtype, jnp.float32
     dv = jnp.einsum("bkgst,bkgsd->bktd", probs.astype(dt), d_out)
     dp = jnp.einsum("bkgsd,bktd->bkgst", d_out, v, preferred_element_type=f32)
@@ -291,6 +291,28 @@ def _swiglu_bwd(res, d_h):
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+@jax.custom_vjp
+def gelu(x: Array) -> Array:
+    """Exact (erf) GELU x·Φ(x), with a backward that keeps only its input (`_as_bits`)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+    return gelu(x), _as_bits(x)
+
+
+def _gelu_bwd(res, d_y):
+    """d x = dy · (Φ(x) + x·φ(x)); in float32."""
+    (x,) = _from_bits(*res)
+    z, dy = x.astype(jnp.float32), d_y.astype(jnp.float32)
+    cdf = 0.5 * (1 + jax.lax.erf(z / math.sqrt(2)))
+    pdf = jnp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return ((dy * (cdf + z * pdf)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class Attention(nnx.Module):
@@ -388,7 +410,7 @@ class MLP(nnx.Module):
         if self.cfg.activation == "swiglu":
             h = swiglu(self._dense(x, "gate"), self._dense(x, "up"))
         else:
-            h = jax.nn.gelu(self._dense(x, "up"), approximate=False)
+            h = gelu(self._dense(x, "up"))
         h = sharding.constrain(h, ("batch", "length", "mlp"))
         return self._dense(h, "down")
 
