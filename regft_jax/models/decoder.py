@@ -271,48 +271,36 @@ def _attend_backward(res, d_out):
 attend.defvjp(_attend_vjp_forward, _attend_backward)
 
 
-@jax.custom_vjp
-def swiglu(gate: Array, up: Array) -> Array:
-    """silu(gate) · up, with a backward that keeps only its two inputs (`_as_bits`) and recomputes the
-    sigmoid; autodiff would save five [tokens, mlp] arrays per layer."""
-    return jax.nn.silu(gate) * up
+def _saving_inputs(f, grads):
+    """f with a VJP that saves only f's inputs (2-byte, `_as_bits`) and computes the input gradients
+    `grads(dy, *inputs)` in float32 from them, cast back to the inputs' dtypes; autodiff of an activation
+    would save its intermediates too (five [tokens, mlp] arrays per layer for SwiGLU)."""
+    fn = jax.custom_vjp(f)
+
+    def backward(res, dy):
+        inputs = _from_bits(*res)
+        grads32 = grads(*(a.astype(jnp.float32) for a in (dy, *inputs)))
+        return tuple(d.astype(a.dtype) for d, a in zip(grads32, inputs))
+
+    fn.defvjp(lambda *inputs: (f(*inputs), _as_bits(*inputs)), backward)
+    return fn
 
 
-def _swiglu_fwd(gate, up):
-    return swiglu(gate, up), _as_bits(gate, up)
-
-
-def _swiglu_bwd(res, d_h):
-    """d gate = dh · up · σ(g)(1 + g(1 − σ(g))),  d up = dh · silu(g); in float32."""
-    gate, up = _from_bits(*res)
-    g, u, dh = (a.astype(jnp.float32) for a in (gate, up, d_h))
+def _swiglu_grads(dh, g, u):
+    """d gate = dh · up · σ(g)(1 + g(1 − σ(g))),  d up = dh · silu(g)."""
     sig = jax.nn.sigmoid(g)
-    return (dh * u * sig * (1 + g * (1 - sig))).astype(gate.dtype), (dh * g * sig).astype(up.dtype)
+    return dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
 
 
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
-@jax.custom_vjp
-def gelu(x: Array) -> Array:
-    """Exact (erf) GELU x·Φ(x), with a backward that keeps only its input (`_as_bits`)."""
-    return jax.nn.gelu(x, approximate=False)
-
-
-def _gelu_fwd(x):
-    return gelu(x), _as_bits(x)
-
-
-def _gelu_bwd(res, d_y):
-    """d x = dy · (Φ(x) + x·φ(x)); in float32."""
-    (x,) = _from_bits(*res)
-    z, dy = x.astype(jnp.float32), d_y.astype(jnp.float32)
+def _gelu_grads(dy, z):
+    """d x = dy · (Φ(x) + x·φ(x))."""
     cdf = 0.5 * (1 + jax.lax.erf(z / math.sqrt(2)))
     pdf = jnp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    return ((dy * (cdf + z * pdf)).astype(x.dtype),)
+    return (dy * (cdf + z * pdf),)
 
 
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+swiglu = _saving_inputs(lambda gate, up: jax.nn.silu(gate) * up, _swiglu_grads)  # silu(gate) · up
+gelu = _saving_inputs(partial(jax.nn.gelu, approximate=False), _gelu_grads)  # exact (erf) GELU x·Φ(x)
 
 
 class Attention(nnx.Module):
