@@ -19,8 +19,9 @@ to the kernel). With a finite `keep_bytes`, a step whose temporaries exceed it i
 and page-faults again: with the former 1 GiB default, a width-1024 bf16 train step with scanned layers
 faulted 1.4 GB (347,000 pages, 650 ms of kernel time) per 1.6 s step, 1.2 s without trimming
 (bench/RESULTS.md). It applies only where JAX runs on the CPU alone (JAX_PLATFORMS=cpu, or no accelerator
-plugin or library configured): on GPU/TPU hosts the host allocator is not on the step's path. REGFT_HOST_MALLOC=0 turns it off. Under an LD_PRELOAD-ed
-allocator (jemalloc, tcmalloc) glibc's settings have no effect.
+plugin or library configured): on GPU/TPU hosts the host allocator is not on the step's path.
+REGFT_HOST_MALLOC=0 turns it off. Under an LD_PRELOAD-ed allocator (jemalloc, tcmalloc) glibc's settings
+have no effect.
 """
 
 from __future__ import annotations
