@@ -174,6 +174,19 @@ def test_sharded_sampling_equals_single_device(converted):
         np.testing.assert_allclose(b, d, rtol=1e-5, atol=5e-5)
 
 
+def test_bucket_is_the_smallest_rung_of_the_ladder():
+    """Brute force against the ladder written out: powers of two from `minimum` and their 3/4 points."""
+    for minimum in (1, 16):
+        powers = [minimum << k for k in range(16)]
+        ladder = sorted(set(powers) | {3 * p // 4 for p in powers if p % 4 == 0 and 3 * p // 4 >= minimum})
+        for n in range(0, 3000):
+            assert sampling.bucket(n, minimum) == min(r for r in ladder if r >= n), (n, minimum)
+            assert sampling.bucket(n, minimum, midpoints=False) == min(p for p in powers if p >= n), (n, minimum)
+    assert [sampling.bucket(n) for n in (1, 16, 17, 24, 25, 33, 49, 65, 97)] == [16, 16, 24, 24, 32, 48, 64, 96, 128]
+    for n in range(17, 3000):  # at most a third of a padded length is padding
+        assert 3 * (sampling.bucket(n) - n) < sampling.bucket(n)
+
+
 def test_no_recompilation_within_a_bucket(converted):
     _, cfg, params = converted
     fn = sampling.make_sampler(cfg, max_new_tokens=6, greedy=True)

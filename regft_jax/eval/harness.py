@@ -23,7 +23,7 @@ from q (the KV-cache sampler with the guidance), as `main` evaluates it.
 Requests are scored exactly as lm-eval's `hf` backend tokenizes them (`TemplateLM`: the context's trailing
 spaces move to the continuation, the pair is encoded whole and split; empty contexts get the BOS/EOS
 prefix; contexts are left-truncated to max_length), then in jitted batches of similar lengths
-(`eval.perplexity.loglikelihoods`, padded to power-of-two widths so few programs compile).
+(`eval.perplexity.loglikelihoods`, padded to `sampling.bucket` widths so few programs compile).
 `generate_until` decodes with the KV-cache sampler (greedy unless the task asks for sampling) and cuts at
 the first stop string.
 """
