@@ -148,7 +148,7 @@ def main(argv=None):
     for shape, bs, m, a, b, bw, fl in rows:
         lim = min(bw, fl)
         bold = lambda x: f"**{x:,.0f}**" if x == lim else f"{x:,.0f}"
-        lines.append(f"| {shape} | {bs} | {m} | {a:,.0f} | {b:,.0f} | {a / b:.1f}x | {bold(bw)} | {bold(fl)} "
+        lines.append(f"| {shape} | {bs} | {m} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x | {bold(bw)} | {bold(fl)} "
                      f"| {100 * a / lim:.0f}% | {100 * b / lim:.0f}% |")
     report("Sampler vs HF generate", "bench_sampler.py", argv, header, "\n".join(lines), args.write)
 

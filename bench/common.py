@@ -37,6 +37,21 @@ def load_config(path: str):
     return load_config_file(path)
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (with "AMX" where it has AMX tiles, which bf16 matmuls use), from
+    /proc/cpuinfo on Linux; the architecture elsewhere. The same bench gives different ratios on
+    different CPUs (bench/RESULTS.md), so every header names it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return name + (", AMX" if "amx_bf16" in flags else "")
+
+
 def machine() -> str:
     """The devices and cores a result was measured on."""
     import jax
@@ -44,7 +59,7 @@ def machine() -> str:
     device = jax.devices()[0]
     kind = f" ({device.device_kind})" if device.platform != "cpu" else ""
     return (f"{jax.device_count()} {device.platform} device(s){kind}, jax {jax.__version__}, "
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+            f"{cpu_model()}, {os.cpu_count()} cores"
             + ("; glibc malloc: one arena, no mmap, no trim (regft_jax/hostmem.py, both sides)" if HOST_MALLOC else ""))
 
 
