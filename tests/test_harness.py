@@ -79,6 +79,13 @@ def test_rolling_loglikelihood_and_greedy_generation_equal_the_hf_backend(model_
     docs = [texts[0] + " " + texts[1], texts[2]]  # the first spans several 16-token windows
     rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(docs)]
     np.testing.assert_allclose(ours.loglikelihood_rolling(rolling), theirs.loglikelihood_rolling(rolling), atol=1e-4)
+    # the default max_length is the model's whole context (128): windows of 128 inputs + 1 target token
+    ours_full = harness.RegftLM(pretrained=path, batch_size=4)
+    theirs_full = HFLM(pretrained=path, dtype="float32", device="cpu", max_length=128, batch_size=4)
+    assert ours_full.max_length == 128
+    long_doc = [Instance("loglikelihood_rolling", {}, (" ".join(texts[6:40]),), 0)]  # several 128-token windows
+    np.testing.assert_allclose(ours_full.loglikelihood_rolling(long_doc), theirs_full.loglikelihood_rolling(long_doc),
+                               atol=1e-3)
     gen = [Instance("generate_until", {}, (t[:20], {"until": ["mat"], "max_gen_toks": 6}), i)
            for i, t in enumerate(texts[3:6])]
     assert ours.generate_until(gen) == theirs.generate_until(gen)

@@ -110,12 +110,15 @@ def test_guided_loglikelihoods_equal_brute_force_and_greedy_matches_the_sampler(
     rng = np.random.default_rng(0)
     pairs = [(p, c) for p, c in zip(prompts, greedy_q)] + [(p, list(rng.integers(3, 300, n)))
                                                           for p, n in zip(prompts, (1, 3, 7))]
+    # the longest pair the model can score: it reads max_seq_len tokens, the last one only a target
+    pairs.append((list(rng.integers(3, 300, CFG.max_seq_len - 4)), list(rng.integers(3, 300, 5))))
     logl, greedy = loglikelihoods(CFG, base, pairs, batch_size=3, mesh=mesh, **guidance)
     plain, _ = loglikelihoods(CFG, base, pairs, batch_size=3, mesh=mesh)
-    tokens = np.zeros((len(pairs), CFG.max_seq_len), np.int32)  # each pair in its own row, unsorted
+    tokens = np.zeros((len(pairs), CFG.max_seq_len + 1), np.int32)  # each pair in its own row, unsorted
     for i, (context, continuation) in enumerate(pairs):
         tokens[i, :len(context) + len(continuation)] = list(context) + list(continuation)
-    all_logits, all_z = np.asarray(forward(CFG, base, tokens)), np.asarray(aux_logits(acfg, aux, tokens))
+    inputs = tokens[:, :-1]
+    all_logits, all_z = np.asarray(forward(CFG, base, inputs)), np.asarray(aux_logits(acfg, aux, inputs))
     for i, (context, continuation) in enumerate(pairs):
         logits, z = all_logits[i], all_z[i]  # (right padding: causal attention never reads it)
         for name, log_dist, got in (("q", _log_q(logits, z), logl), ("p", _log_softmax(logits), plain)):
@@ -125,8 +128,9 @@ def test_guided_loglikelihoods_equal_brute_force_and_greedy_matches_the_sampler(
     assert not np.allclose(logl, plain)
     with pytest.raises(UserInputError, match="pair 1 has an empty context"):
         loglikelihoods(CFG, base, [([1], [5]), ([], [5])])
-    with pytest.raises(UserInputError, match="max_seq_len 64"):
-        loglikelihoods(CFG, base, [([1] * 60, [5] * 5)])
+    with pytest.raises(UserInputError, match="pair 0 has 61 \\+ 5 tokens; the model reads all but the last, more than "
+                       "its max_seq_len 64"):
+        loglikelihoods(CFG, base, [([1] * 61, [5] * 5)])
     with pytest.raises(TypeError, match="AuxGuidance"):
         perplexity(CFG, base, corpus.packed("valid", 32)["toxic"], guidance=object())
 

@@ -131,8 +131,8 @@ def loglikelihoods(cfg: ModelConfig, params, pairs: Sequence[tuple[Sequence[int]
     """Per (context ids, continuation ids) pair: log p(continuation | context) = Σ_t log p(y_t | context,
     y_<t), or log q with an `AuxGuidance` (`token_log_q`), float64 [n]; and whether the continuation is
     the greedy one (each y_t the argmax of p, or q, after its prefix), bool [n]. What an lm-eval model
-    adapter's `loglikelihood` returns. The context must be non-empty (start it with BOS) and each pair
-    fit the model's max_seq_len (nothing is truncated). Pairs are scored in batches of similar lengths,
+    adapter's `loglikelihood` returns. The context must be non-empty (start it with BOS) and the model reads
+    every token of a pair but the last, at most max_seq_len (nothing is truncated; lm-eval's max_length + 1). Pairs are scored in batches of similar lengths,
     right-padded (causal attention: the padding is never attended)."""
     _check_guidance(guidance)
     if not pairs:
@@ -142,16 +142,16 @@ def loglikelihoods(cfg: ModelConfig, params, pairs: Sequence[tuple[Sequence[int]
         if not len(context) or not len(continuation):
             raise UserInputError(f"loglikelihoods: pair {i} has an empty {'context' if not len(context) else 'continuation'}"
                                  f" (a context starts with BOS at least)")
-        if lengths[i] > cfg.max_seq_len:
-            raise UserInputError(f"loglikelihoods: pair {i} has {len(context)} + {len(continuation)} tokens, more "
-                                 f"than the model's max_seq_len {cfg.max_seq_len}")
+        if lengths[i] - 1 > cfg.max_seq_len:  # the model reads every token but the last
+            raise UserInputError(f"loglikelihoods: pair {i} has {len(context)} + {len(continuation)} tokens; the model "
+                                 f"reads all but the last, more than its max_seq_len {cfg.max_seq_len}")
     fn = _pair_scores(cfg, mesh, guidance)
     size = _batch_size(batch_size, mesh)
     order = np.argsort(-lengths, kind="stable")  # similar lengths together: less padding
     logl, greedy = np.zeros(len(pairs)), np.zeros(len(pairs), bool)
     for start in range(0, len(pairs), size):
         idx = order[start:start + size]
-        width = min(bucket(int(lengths[idx].max())), cfg.max_seq_len)
+        width = min(bucket(int(lengths[idx].max()) - 1), cfg.max_seq_len) + 1  # the model reads width - 1 slots
         tokens = np.full((len(idx), width), pad_id, np.int32)
         target_mask = np.zeros((len(idx), width), np.int32)
         for r, i in enumerate(idx):
