@@ -278,7 +278,7 @@ def bucket(n: int, minimum: int = 16, midpoints: bool = True) -> int:
     for every decode step to read (bench/RESULTS.md)."""
     power = max(minimum, 1 << max(n - 1, 0).bit_length())
     three_quarters = 3 * power // 4
-    if midpoints and power % 4 == 0 and three_quarters >= minimum and n <= three_quarters:
+    if midpoints and three_quarters >= minimum and n <= three_quarters:
         return three_quarters
     return power
 

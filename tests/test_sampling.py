@@ -40,6 +40,15 @@ def test_greedy_equals_hf_generate(converted):
         assert got == _hf_greedy(hf, prompt, n)
 
 
+def test_greedy_equals_hf_generate_in_a_three_quarter_length_bucket(converted):
+    """Prompts of 17-24 tokens pad to 24 slots (`sampling.bucket`), not a power of two: still HF's tokens."""
+    hf, cfg, params = converted
+    prompts = [[(7 * i + 3) % (VOCAB - 1) + 1 for i in range(21)], [11, 60, 5]]
+    assert sampling.bucket(21) == 24
+    for prompt, got in zip(prompts, sampling.generate(cfg, params, prompts, max_new_tokens=14)):
+        assert got == _hf_greedy(hf, prompt, 14)
+
+
 def test_greedy_stops_at_eos_per_row(converted):
     hf, cfg, params = converted
     n = 12
@@ -178,7 +187,7 @@ def test_bucket_is_the_smallest_rung_of_the_ladder():
     """Brute force against the ladder written out: powers of two from `minimum` and their 3/4 points."""
     for minimum in (1, 16):
         powers = [minimum << k for k in range(16)]
-        ladder = sorted(set(powers) | {3 * p // 4 for p in powers if p % 4 == 0 and 3 * p // 4 >= minimum})
+        ladder = sorted(set(powers) | {3 * p // 4 for p in powers if 3 * p // 4 >= minimum})
         for n in range(0, 3000):
             assert sampling.bucket(n, minimum) == min(r for r in ladder if r >= n), (n, minimum)
             assert sampling.bucket(n, minimum, midpoints=False) == min(p for p in powers if p >= n), (n, minimum)
