@@ -131,8 +131,9 @@ def loglikelihoods(cfg: ModelConfig, params, pairs: Sequence[tuple[Sequence[int]
     """Per (context ids, continuation ids) pair: log p(continuation | context) = Σ_t log p(y_t | context,
     y_<t), or log q with an `AuxGuidance` (`token_log_q`), float64 [n]; and whether the continuation is
     the greedy one (each y_t the argmax of p, or q, after its prefix), bool [n]. What an lm-eval model
-    adapter's `loglikelihood` returns. The context must be non-empty (start it with BOS) and the model reads
-    every token of a pair but the last, at most max_seq_len (nothing is truncated; lm-eval's max_length + 1). Pairs are scored in batches of similar lengths,
+    adapter's `loglikelihood` returns. The context must be non-empty (start it with BOS); the model reads
+    every token of a pair but the last, at most max_seq_len of them (a pair of max_seq_len + 1 tokens, like
+    lm-eval's max_length + 1 windows; nothing is truncated). Pairs are scored in batches of similar lengths,
     right-padded (causal attention: the padding is never attended)."""
     _check_guidance(guidance)
     if not pairs:
