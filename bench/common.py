@@ -46,10 +46,10 @@ def cpu_model() -> str:
             info = f.read()
     except OSError:
         return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.machine())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return name + (", AMX" if "amx_bf16" in flags else "")
+    fields = dict((key.strip(), value.strip()) for key, value in
+                  (line.split(":", 1) for line in info.splitlines() if ":" in line))
+    amx = "amx_bf16" in fields.get("flags", "").split()
+    return fields.get("model name", platform.machine()) + (", AMX" if amx else "")
 
 
 def machine() -> str:

@@ -139,11 +139,12 @@ def loglikelihoods(cfg: ModelConfig, params, pairs: Sequence[tuple[Sequence[int]
     if not pairs:
         return np.zeros(0), np.zeros(0, bool)
     lengths = np.array([len(c) + len(y) for c, y in pairs])
+    reads = lengths - 1  # the model reads every token but the last (a target only)
     for i, (context, continuation) in enumerate(pairs):
         if not len(context) or not len(continuation):
             raise UserInputError(f"loglikelihoods: pair {i} has an empty {'context' if not len(context) else 'continuation'}"
                                  f" (a context starts with BOS at least)")
-        if lengths[i] - 1 > cfg.max_seq_len:  # the model reads every token but the last
+        if reads[i] > cfg.max_seq_len:
             raise UserInputError(f"loglikelihoods: pair {i} has {len(context)} + {len(continuation)} tokens; the model "
                                  f"reads all but the last, more than its max_seq_len {cfg.max_seq_len}")
     fn = _pair_scores(cfg, mesh, guidance)
@@ -152,7 +153,7 @@ def loglikelihoods(cfg: ModelConfig, params, pairs: Sequence[tuple[Sequence[int]
     logl, greedy = np.zeros(len(pairs)), np.zeros(len(pairs), bool)
     for start in range(0, len(pairs), size):
         idx = order[start:start + size]
-        width = min(bucket(int(lengths[idx].max()) - 1), cfg.max_seq_len) + 1  # the model reads width - 1 slots
+        width = min(bucket(int(reads[idx].max())), cfg.max_seq_len) + 1  # + 1: the target-only last token
         tokens = np.full((len(idx), width), pad_id, np.int32)
         target_mask = np.zeros((len(idx), width), np.int32)
         for r, i in enumerate(idx):
