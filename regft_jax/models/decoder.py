@@ -212,9 +212,29 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
 
 def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
     """cos and sin of the rotary angles [b, s, head_dim / 2] at `positions` [b, s], computed once per
-    forward for every layer's queries and keys."""
-    angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
-    return jnp.cos(angles), jnp.sin(angles)
+    forward for every layer's queries and keys (`computed_once`)."""
+
+    def tables(positions):
+        angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+        return jnp.cos(angles), jnp.sin(angles)
+
+    return computed_once(tables, positions)
+
+
+def computed_once(f, *args):
+    """f(*args), written to buffers of their own that every consumer reads.
+
+    XLA on CPU fuses a producer into each of its consumers and evaluates it there for every element of
+    the consumer. The rotary tables' cosine and sine (scalar libm calls, ~8 ns a value) were evaluated again
+    for every head in each layer's rotation of queries and keys, forward and backward: 16 times over in a
+    4-layer unrolled train step (bench/RESULTS.md). An optimization barrier is gone before fusion there,
+    but fusion does not cross a conditional: on CPU, f runs in both branches of one whose predicate (a
+    True behind a barrier) the compiler cannot fold, so either branch gives f(*args). Elsewhere: f(*args)."""
+
+    def cpu(*args):
+        return jax.lax.cond(jax.lax.optimization_barrier(jnp.bool_(True)), f, f, *args)
+
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=f)
 
 
 def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
