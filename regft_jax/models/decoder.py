@@ -224,11 +224,11 @@ def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
 def computed_once(f, *args):
     """f(*args), written to buffers of their own that every consumer reads.
 
-    XLA on CPU fuses a producer into each of its consumers and evaluates it there for every element of
-    the consumer. The rotary tables' cosine and sine (scalar libm calls, ~8 ns a value) were evaluated again
-    for every head in each layer's rotation of queries and keys, forward and backward: 16 times over in a
-    4-layer unrolled train step (bench/RESULTS.md). An optimization barrier is gone before fusion there,
-    but fusion does not cross a conditional: on CPU, f runs in both branches of one whose predicate (a
+    XLA on CPU fuses a producer into each of its consumers and evaluates it there for every element of the
+    consumer. The rotary tables' cosine and sine (scalar libm calls, ~8 ns a value) were evaluated again for
+    every head in each layer's rotation of queries and keys, forward and backward: in 16 fusions of a 4-layer
+    unrolled train step, 2-7% of its time (bench/RESULTS.md). An optimization barrier is gone before fusion
+    there, but fusion does not cross a conditional: on CPU, f runs in both branches of one whose predicate (a
     True behind a barrier) the compiler cannot fold, so either branch gives f(*args). Elsewhere: f(*args)."""
 
     def cpu(*args):
