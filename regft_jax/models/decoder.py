@@ -224,12 +224,13 @@ def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
 def computed_once(f, *args):
     """f(*args), written to buffers of their own that every consumer reads.
 
-    XLA on CPU fuses a producer into each of its consumers and evaluates it there for every element of the
-    consumer. The rotary tables' cosine and sine (scalar libm calls, ~8 ns a value) were evaluated again for
-    every head in each layer's rotation of queries and keys, forward and backward: in 16 fusions of a 4-layer
-    unrolled train step, 2-7% of its time (bench/RESULTS.md). An optimization barrier is gone before fusion
+    XLA on CPU fuses a producer into each of its consumers and evaluates it there: the rotary tables' cosine
+    and sine (slow on CPU: 0.5 ms for a [8, 128, 32] table, exp 0.02 ms) were evaluated inside each of the 16
+    fusions that rotate queries and keys in a 4-layer unrolled train step, forward and backward; computed
+    once, the step takes 2-7% less time (bench/RESULTS.md). An optimization barrier is gone before fusion
     there, but fusion does not cross a conditional: on CPU, f runs in both branches of one whose predicate (a
-    True behind a barrier) the compiler cannot fold, so either branch gives f(*args). Elsewhere: f(*args)."""
+    True behind a barrier) XLA does not fold (jax 0.10.2; `test_rotary_tables_are_computed_once_per_pass`
+    checks it), so either branch gives f(*args). Elsewhere: f(*args)."""
 
     def cpu(*args):
         return jax.lax.cond(jax.lax.optimization_barrier(jnp.bool_(True)), f, f, *args)
