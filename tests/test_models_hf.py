@@ -133,8 +133,8 @@ def test_scan_and_unrolled_layers_and_remat_agree(tmp_path):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU compilation's structure")
 def test_rotary_tables_are_computed_once_per_pass(monkeypatch):
     """XLA on CPU fuses the rotary tables' cos and sin into every fusion that rotates queries or keys and
-    evaluates them there (18 times in a 3-layer unrolled forward and gradient); `decoder.computed_once` leaves one
-    evaluation per branch of its conditional, and the logits and gradients are those of the fused program."""
+    evaluates them there (18 sine ops in a 3-layer unrolled forward and gradient); `decoder.computed_once`
+    leaves one per branch of its conditional, and the logits and gradients are those of the fused program."""
     from regft_jax.models import decoder
 
     cfg = models.ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
