@@ -169,9 +169,8 @@ def sample(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.
     if unstacked:
         params = unstack_layers(params)  # each layer's weights and KV cache in buffers of their own
     logits, cache = forward_cached(cfg, params, prompt_tokens, cache, prompt_mask, last_only=True)
-    # The rotary tables of every decode step, computed once: a live row's i-th new token sits at position
-    # prompt length + i (a finished row's slots are never attended). Computed in the loop, XLA on CPU
-    # evaluates the cosine and sine again inside each layer's rotation, for every head.
+    # The rotary tables of every decode step, computed once before the loop (not a table per step): a live
+    # row's i-th new token sits at position prompt length + i (a finished row's slots are never attended).
     step_rope = rope_tables(cfg, cache["positions"][:, None] + jnp.arange(n))
     gstate, extra = None, jnp.zeros((), jnp.float32)
     if guidance is not None:
